@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv and installs flora-serve with its test extras.
+# torch is installed first at a pinned version: on a CPU machine pip takes the local CPU build,
+# on a GPU machine (nvidia-smi present) it takes the CUDA build from PyPI. Installing the
+# project afterwards then pulls no second torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+if command -v nvidia-smi >/dev/null 2>&1; then
+  echo "setup: GPU found, installing torch==$TORCH_VERSION (CUDA build)"
+else
+  echo "setup: no GPU found, installing torch==$TORCH_VERSION (CPU build where one is offered)"
+fi
+.venv/bin/python -m pip install --quiet "torch==$TORCH_VERSION"
+echo "setup: installing flora-serve and its test/bench extras"
+.venv/bin/python -m pip install --quiet -e ".[test,bench]"
+echo "setup: done. Activate with: source .venv/bin/activate"
