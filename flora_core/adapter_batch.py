@@ -1,0 +1,121 @@
+"""Batch metadata: which adapter slot each token uses, built once per forward pass.
+
+A forward pass sees its activations flattened to [T, d] tokens. Every token belongs to one row
+(one request) and uses at most one adapter: a slot of one kind (LoRA, FLoRA or IA3), or none.
+`AdapterBatch` holds, for each kind, the tokens that use it sorted by slot, so that every layer
+can gather them (bmm), walk them segment by segment (grouped), or scatter results back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+
+from flora_core.adapter_weights import AdapterKind
+
+
+class AdapterSlot(NamedTuple):
+    """Where an adapter lives in the pool: its kind and its slot index in that kind's tensors."""
+
+    kind: AdapterKind
+    slot: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of consecutive sorted tokens sharing one slot."""
+
+    slot: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class SlotRows:
+    """The tokens of one adapter kind, sorted by slot (stable, so token order within a slot holds)."""
+
+    token_index: torch.Tensor  # [n] long: positions in the flattened [T] batch
+    slots: torch.Tensor  # [n] long: the slot of each of those tokens
+    segments: tuple[Segment, ...]  # host-side runs over token_index, one per distinct slot
+    covers_all_tokens: bool  # n == T and token_index == arange(T): gathers can be skipped
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_index.shape[0]
+
+    @property
+    def distinct_slots(self) -> tuple[int, ...]:
+        return tuple(segment.slot for segment in self.segments)
+
+
+@dataclass(frozen=True)
+class AdapterBatch:
+    """Per-token adapter selection for one forward pass, shared by every wrapped layer."""
+
+    num_tokens: int  # T: tokens in the flattened batch
+    lora: SlotRows
+    flora: SlotRows
+    ia3: SlotRows
+    non_flora_index: torch.Tensor  # [T - n_flora] long: tokens that take the base layer's path
+
+    def rows(self, kind: AdapterKind) -> SlotRows:
+        return {AdapterKind.LORA: self.lora, AdapterKind.FLORA: self.flora, AdapterKind.IA3: self.ia3}[kind]
+
+    @staticmethod
+    def from_rows(
+        row_slots: Sequence[AdapterSlot | None],
+        tokens_per_row: int | Sequence[int],
+        device: torch.device | str = "cpu",
+    ) -> "AdapterBatch":
+        """Build from one entry per row (None = base model) and each row's token count.
+
+        Rows are laid out one after another: row i owns tokens [offset_i, offset_i + tokens_i),
+        as in a [B, S] batch flattened to [B*S] (tokens_per_row = S) or a packed batch.
+        """
+        if isinstance(tokens_per_row, int):
+            tokens_per_row = [tokens_per_row] * len(row_slots)
+        if len(tokens_per_row) != len(row_slots):
+            raise ValueError(
+                f"tokens_per_row has {len(tokens_per_row)} entries but row_slots has {len(row_slots)}; "
+                "pass one token count per row"
+            )
+        kind_codes = {None: -1, AdapterKind.LORA: 0, AdapterKind.FLORA: 1, AdapterKind.IA3: 2}
+        row_kind = torch.tensor([kind_codes[s.kind if s else None] for s in row_slots], dtype=torch.long)
+        row_slot = torch.tensor([s.slot if s else -1 for s in row_slots], dtype=torch.long)
+        counts = torch.tensor(list(tokens_per_row), dtype=torch.long)
+        token_kind = torch.repeat_interleave(row_kind, counts)  # [T]
+        token_slot = torch.repeat_interleave(row_slot, counts)  # [T]
+        num_tokens = int(counts.sum())
+        device = torch.device(device)
+        flora_mask = token_kind == 1
+        return AdapterBatch(
+            num_tokens=num_tokens,
+            lora=_slot_rows(token_kind == 0, token_slot, device),
+            flora=_slot_rows(flora_mask, token_slot, device),
+            ia3=_slot_rows(token_kind == 2, token_slot, device),
+            non_flora_index=torch.nonzero(~flora_mask).flatten().to(device),
+        )
+
+
+def _slot_rows(mask: torch.Tensor, token_slot: torch.Tensor, device: torch.device) -> SlotRows:
+    """Select the tokens in mask ([T] bool), sort them by slot, and cut them into segments."""
+    token_index = torch.nonzero(mask).flatten()
+    slots = token_slot[token_index]
+    order = torch.argsort(slots, stable=True)
+    token_index, slots = token_index[order], slots[order]
+    distinct, counts = torch.unique_consecutive(slots, return_counts=True)
+    segments, start = [], 0
+    for slot, length in zip(distinct.tolist(), counts.tolist()):
+        segments.append(Segment(slot=slot, start=start, length=length))
+        start += length
+    covers_all = token_index.shape[0] == mask.shape[0] and bool(
+        torch.equal(token_index, torch.arange(mask.shape[0]))
+    )
+    return SlotRows(
+        token_index=token_index.to(device),
+        slots=slots.to(device),
+        segments=tuple(segments),
+        covers_all_tokens=covers_all,
+    )

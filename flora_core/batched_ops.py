@@ -1,0 +1,115 @@
+"""The batched adapter math: pure functions over activations, slot-stacked weights and SlotRows.
+
+Every function takes the flattened activations x [T, d_in], the weights of every slot of one
+adapter kind stacked on dim 0 (zero-padded to the pool's rank R), the `SlotRows` of that kind
+(the n tokens that use it, sorted by slot) and the rank to compute with (the largest rank among
+the batch's slots, <= R), and returns results for those n tokens only, in SlotRows order.
+All of them are differentiable, so batched multi-adapter training uses them too.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from flora_core.adapter_batch import SlotRows
+
+
+def _gather_rows(x: torch.Tensor, rows: SlotRows) -> torch.Tensor:
+    """x[rows.token_index] ([n, d]) without a copy when the rows are the whole batch in order."""
+    return x if rows.covers_all_tokens else x.index_select(0, rows.token_index)
+
+
+def lora_delta_bmm(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rows: SlotRows, rank: int
+) -> torch.Tensor:
+    """delta[i] = lora_b[s_i] @ (lora_a[s_i] @ x[t_i]), one gathered adapter per token (paper App. B.1).
+
+    x: [T, d_in]; lora_a: [S, R, d_in]; lora_b: [S, d_out, R] (LoRA scale folded in);
+    rows: n tokens (t_i) with slots (s_i); rank: r <= R. Returns [n, d_out].
+    """
+    xs = _gather_rows(x, rows)  # [n, d_in]
+    a = lora_a[:, :rank].index_select(0, rows.slots)  # [n, r, d_in]
+    b = lora_b[:, :, :rank].index_select(0, rows.slots)  # [n, d_out, r]
+    hidden = torch.bmm(a, xs.unsqueeze(-1))  # [n, r, 1]
+    return torch.bmm(b, hidden).squeeze(-1)  # [n, d_out]
+
+
+def lora_delta_grouped(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rows: SlotRows, rank: int
+) -> torch.Tensor:
+    """Same result as lora_delta_bmm, one pair of matmuls per distinct slot (the SGMV idea).
+
+    x: [T, d_in]; lora_a: [S, R, d_in]; lora_b: [S, d_out, R]; rows sorted by slot, cut in
+    segments; rank: r <= R. Returns [n, d_out].
+    """
+    xs = _gather_rows(x, rows)  # [n, d_in], grouped by slot
+    pieces = []
+    for segment in rows.segments:
+        x_seg = xs.narrow(0, segment.start, segment.length)  # [len, d_in]
+        hidden = x_seg @ lora_a[segment.slot, :rank].t()  # [len, r]
+        pieces.append(hidden @ lora_b[segment.slot, :, :rank].t())  # [len, d_out]
+    if not pieces:
+        return x.new_zeros(0, lora_b.shape[1])
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+LoraDeltaFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, SlotRows, int], torch.Tensor]
+
+LORA_STRATEGIES: dict[str, LoraDeltaFn] = {
+    "bmm": lora_delta_bmm,
+    "grouped": lora_delta_grouped,
+}
+
+# Measured with bench/lora_strategies.py (see README, Performance): grouped wins once each
+# distinct adapter has a few tokens to share its matmuls; bmm wins for decode batches of
+# one token per distinct adapter, where grouped pays one Python-level matmul pair per row.
+GROUPED_MIN_TOKENS_PER_SLOT = 4
+
+
+def pick_lora_strategy(rows: SlotRows) -> str:
+    """Choose the LoRA strategy for one batch: "grouped" when adapters share enough tokens."""
+    num_distinct = len(rows.segments)
+    if num_distinct <= 1 or rows.num_tokens >= GROUPED_MIN_TOKENS_PER_SLOT * num_distinct:
+        return "grouped"
+    return "bmm"
+
+
+def flora_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    flora_in: torch.Tensor,
+    flora_out: torch.Tensor,
+    rows: SlotRows,
+    rank: int,
+) -> torch.Tensor:
+    """y[i] = sum_j flora_out[s_i, j] * ((flora_in[s_i, j] * x[t_i]) @ weight.T), i.e. x @ (W0 o M_s).T.
+
+    The rank-mean 1/r is folded into flora_out, so zero-padded ranks add nothing. The r scaled
+    copies of each token go through ONE GEMM over [n*r, d_in]; the bias is the caller's.
+    x: [T, d_in]; weight: [d_out, d_in]; flora_in: [S, R, d_in]; flora_out: [S, R, d_out];
+    rows: n tokens; rank: r <= R. Returns [n, d_out].
+    """
+    xs = _gather_rows(x, rows)  # [n, d_in]
+    n, d_in = xs.shape
+    factor_in = flora_in[:, :rank].index_select(0, rows.slots)  # [n, r, d_in]
+    factor_out = flora_out[:, :rank].index_select(0, rows.slots)  # [n, r, d_out]
+    scaled = (factor_in * xs.unsqueeze(1)).reshape(n * rank, d_in)  # [n*r, d_in]
+    projected = F.linear(scaled, weight).view(n, rank, -1)  # [n, r, d_out]
+    if rank == 1:
+        return projected.squeeze(1) * factor_out.squeeze(1)
+    return (projected * factor_out).sum(dim=1)
+
+
+def ia3_scale(h: torch.Tensor, scales: torch.Tensor, rows: SlotRows) -> torch.Tensor:
+    """h[t_i] = h[t_i] * scales[s_i] for the rows' tokens; every other token is returned untouched.
+
+    h: [T, d]; scales: [S, d]; rows: n tokens. Returns [T, d].
+    """
+    factors = scales.index_select(0, rows.slots)  # [n, d]
+    if rows.covers_all_tokens:
+        return h * factors
+    scaled = h.index_select(0, rows.token_index) * factors
+    return h.index_copy(0, rows.token_index, scaled)

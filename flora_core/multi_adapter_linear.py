@@ -1,0 +1,213 @@
+"""A base linear layer plus preallocated adapter slots of every kind, applied per token.
+
+The wrapper is swapped in for a model's nn.Linear (or GPT-2's Conv1D) and computes, for each
+token t of a batch, the layer with that token's own adapter:
+
+    LoRA:  y_t = W0 x_t + b0 + s B (A x_t)
+    FLoRA: y_t = (W0 o M) x_t + b0,  M = flora_out^T flora_in / r   (bias untouched, as in the paper)
+    IA3:   y_t = (W0 x_t + b0) o l,  or  W0 (x_t o l) + b0 for feed-forward modules (PEFT)
+    none:  y_t = W0 x_t + b0          (the base layer itself)
+
+The per-call `AdapterBatch` arrives as the `batch` keyword argument of forward (see patching's
+`adapter_batch_scope`); without it the layer is exactly the base layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from flora_core.adapter_batch import AdapterBatch, SlotRows
+from flora_core.adapter_weights import AdapterKind, FloraModule, Ia3Module, LoraModule, ModuleWeights
+from flora_core.batched_ops import LORA_STRATEGIES, flora_matmul, ia3_scale, pick_lora_strategy
+
+
+@dataclass(frozen=True)
+class SlotCapacity:
+    """How many adapters of each kind the device holds at once, and their largest rank."""
+
+    lora_slots: int = 8
+    lora_max_rank: int = 64
+    flora_slots: int = 8
+    flora_max_rank: int = 8
+    ia3_slots: int = 8
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 0 or (name.endswith("max_rank") and value < 1):
+                raise ValueError(f"SlotCapacity.{name}={value} is out of range; use a positive count")
+
+    def num_slots(self, kind: AdapterKind) -> int:
+        return {AdapterKind.LORA: self.lora_slots, AdapterKind.FLORA: self.flora_slots,
+                AdapterKind.IA3: self.ia3_slots}[kind]
+
+    def max_rank(self, kind: AdapterKind) -> int:
+        return {AdapterKind.LORA: self.lora_max_rank, AdapterKind.FLORA: self.flora_max_rank,
+                AdapterKind.IA3: 1}[kind]
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an nn.Linear or a transformers Conv1D (whose weight is [d_in, d_out])."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.nf
+    raise TypeError(f"{type(layer).__name__} is not a linear layer (nn.Linear or Conv1D)")
+
+
+class MultiAdapterLinear(nn.Module):
+    """A linear layer that applies each token's own adapter slot; see the module docstring."""
+
+    def __init__(self, base_layer: nn.Module, capacity: SlotCapacity) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.d_in, self.d_out = linear_shape(base_layer)
+        self.capacity = capacity
+        weight = base_layer.weight
+        like = {"dtype": weight.dtype, "device": weight.device}
+        n_lora, r_lora = capacity.lora_slots, capacity.lora_max_rank
+        n_flora, r_flora = capacity.flora_slots, capacity.flora_max_rank
+        # Slot layout: dim 0 is the slot; ranks are zero-padded to the pool's maximum so that
+        # adapters of different ranks share one tensor. LoRA's scale is folded into lora_b and
+        # FLoRA's 1/r into flora_out. Free FLoRA slots hold the identity (rank 0 all-ones) and
+        # free IA3 slots hold ones, so a slot that does not target this layer leaves it unchanged.
+        self.register_buffer("lora_a", torch.zeros(n_lora, r_lora, self.d_in, **like), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(n_lora, self.d_out, r_lora, **like), persistent=False)
+        self.register_buffer("flora_in", torch.zeros(n_flora, r_flora, self.d_in, **like), persistent=False)
+        self.register_buffer("flora_out", torch.zeros(n_flora, r_flora, self.d_out, **like), persistent=False)
+        self.register_buffer("ia3_in", torch.ones(n_ia3 := capacity.ia3_slots, self.d_in, **like), persistent=False)
+        self.register_buffer("ia3_out", torch.ones(n_ia3, self.d_out, **like), persistent=False)
+        # Host-side mirrors, read on every forward without a device sync: the rank each slot
+        # has in this layer (0 = the slot's adapter does not target it) and IA3's direction.
+        self.lora_rank = [0] * n_lora
+        self.flora_rank = [0] * n_flora
+        self.ia3_in_active = [False] * n_ia3
+        self.ia3_out_active = [False] * n_ia3
+        for slot in range(n_flora):
+            self._write_flora(slot, None)
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_out={self.d_out}, capacity={self.capacity}"
+
+    # ---------------------------------------------------------------- slot writes
+
+    @torch.no_grad()
+    def write_slot(self, kind: AdapterKind, slot: int, weights: ModuleWeights | None) -> None:
+        """Copy one module's adapter weights into a slot; None writes the neutral value."""
+        if not 0 <= slot < self.capacity.num_slots(kind):
+            raise ValueError(f"{kind.value} slot {slot} is out of range [0, {self.capacity.num_slots(kind)})")
+        expected = {AdapterKind.LORA: LoraModule, AdapterKind.FLORA: FloraModule, AdapterKind.IA3: Ia3Module}[kind]
+        if weights is not None and not isinstance(weights, expected):
+            raise ValueError(f"a {kind.value} slot takes {expected.__name__}, got {type(weights).__name__}")
+        {AdapterKind.LORA: self._write_lora, AdapterKind.FLORA: self._write_flora,
+         AdapterKind.IA3: self._write_ia3}[kind](slot, weights)
+
+    def clear_slot(self, kind: AdapterKind, slot: int) -> None:
+        self.write_slot(kind, slot, None)
+
+    def _check_rank(self, kind: AdapterKind, rank: int) -> None:
+        if not 1 <= rank <= self.capacity.max_rank(kind):
+            raise ValueError(
+                f"{kind.value} rank {rank} exceeds the pool's maximum {self.capacity.max_rank(kind)}; "
+                f"raise {kind.value}_max_rank in the pool's capacity"
+            )
+
+    def _check_shape(self, name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, this layer needs {shape}")
+
+    def _write_lora(self, slot: int, weights: LoraModule | None) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.lora_rank[slot] = 0
+        if weights is None:
+            return
+        r = weights.rank
+        self._check_rank(AdapterKind.LORA, r)
+        self._check_shape("lora A", weights.a, (r, self.d_in))
+        self._check_shape("lora B", weights.b, (self.d_out, r))
+        self.lora_a[slot, :r].copy_(weights.a)
+        self.lora_b[slot, :, :r].copy_(weights.b.to(torch.float32) * weights.scale)
+        self.lora_rank[slot] = r
+
+    def _write_flora(self, slot: int, weights: FloraModule | None) -> None:
+        self.flora_in[slot].zero_()
+        self.flora_out[slot].zero_()
+        self.flora_rank[slot] = 0
+        if weights is None:
+            self.flora_in[slot, 0].fill_(1.0)
+            self.flora_out[slot, 0].fill_(1.0)
+            return
+        r = weights.rank
+        self._check_rank(AdapterKind.FLORA, r)
+        self._check_shape("flora_in", weights.flora_in, (r, self.d_in))
+        self._check_shape("flora_out", weights.flora_out, (r, self.d_out))
+        self.flora_in[slot, :r].copy_(weights.flora_in)
+        self.flora_out[slot, :r].copy_(weights.flora_out.to(torch.float32) / r)
+        self.flora_rank[slot] = r
+
+    def _write_ia3(self, slot: int, weights: Ia3Module | None) -> None:
+        self.ia3_in[slot].fill_(1.0)
+        self.ia3_out[slot].fill_(1.0)
+        self.ia3_in_active[slot] = self.ia3_out_active[slot] = False
+        if weights is None:
+            return
+        target, active = (self.ia3_in, self.ia3_in_active) if weights.on_input else (self.ia3_out, self.ia3_out_active)
+        self._check_shape("ia3 scale", weights.scale, (target.shape[1],))
+        target[slot].copy_(weights.scale)
+        active[slot] = True
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor, batch: AdapterBatch | None = None) -> torch.Tensor:
+        """x: [..., d_in] whose leading dims flatten to batch.num_tokens tokens. Returns [..., d_out]."""
+        if batch is None:
+            return self.base_layer(x)
+        tokens = x.reshape(-1, self.d_in)  # [T, d_in]
+        if tokens.shape[0] != batch.num_tokens:
+            raise ValueError(
+                f"the layer got {tokens.shape[0]} tokens but the AdapterBatch describes {batch.num_tokens}; "
+                "build the AdapterBatch from the same input shape"
+            )
+        if _any_active(self.ia3_in_active, batch.ia3):
+            tokens = ia3_scale(tokens, self.ia3_in, batch.ia3)
+        y = self._base_or_flora(tokens, batch)
+        lora_rank = _batch_rank(self.lora_rank, batch.lora)
+        if lora_rank:
+            strategy = LORA_STRATEGIES[pick_lora_strategy(batch.lora)]
+            delta = strategy(tokens, self.lora_a, self.lora_b, batch.lora, lora_rank)
+            y = y + delta if batch.lora.covers_all_tokens else y.index_add(0, batch.lora.token_index, delta)
+        if _any_active(self.ia3_out_active, batch.ia3):
+            y = ia3_scale(y, self.ia3_out, batch.ia3)
+        return y.view(*x.shape[:-1], self.d_out)
+
+    def _weight_out_in(self) -> torch.Tensor:
+        """W0 as [d_out, d_in] (a view for Conv1D, whose weight is stored [d_in, d_out])."""
+        weight = self.base_layer.weight
+        return weight.t() if isinstance(self.base_layer, Conv1D) else weight
+
+    def _base_or_flora(self, tokens: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+        """FLoRA tokens through W0 o M_s, every other token through the base layer. Returns [T, d_out]."""
+        rank = _batch_rank(self.flora_rank, batch.flora)
+        if rank == 0:
+            return self.base_layer(tokens)
+        flora_y = flora_matmul(tokens, self._weight_out_in(), self.flora_in, self.flora_out, batch.flora, rank)
+        if self.base_layer.bias is not None:
+            flora_y = flora_y + self.base_layer.bias
+        if batch.flora.covers_all_tokens:
+            return flora_y
+        base_y = self.base_layer(tokens.index_select(0, batch.non_flora_index))
+        y = tokens.new_empty(tokens.shape[0], self.d_out)
+        return y.index_copy(0, batch.flora.token_index, flora_y).index_copy(0, batch.non_flora_index, base_y)
+
+
+def _batch_rank(slot_ranks: list[int], rows: SlotRows) -> int:
+    """The largest rank, in this layer, among the slots the batch uses (0: none targets it)."""
+    return max((slot_ranks[slot] for slot in rows.distinct_slots), default=0)
+
+
+def _any_active(active: list[bool], rows: SlotRows) -> bool:
+    return any(active[slot] for slot in rows.distinct_slots)

@@ -1,0 +1,105 @@
+"""Swap a causal LM's target linear layers for MultiAdapterLinear, and hand them a batch per call.
+
+Targets follow PEFT's `target_modules` semantics: a string is a regex that must match the whole
+module name; a list matches a name equal to an entry or ending in "." + entry; "all-linear"
+takes every linear layer but the output head. transformers' own code is never edited: modules
+are replaced with `setattr` on their parent, and each call's AdapterBatch reaches the wrappers
+as a forward keyword through hooks that live only inside `adapter_batch_scope`.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Sequence
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from flora_core.adapter_batch import AdapterBatch
+from flora_core.multi_adapter_linear import MultiAdapterLinear, SlotCapacity
+
+ALL_LINEAR = "all-linear"
+TargetModules = str | Sequence[str]
+
+
+def matches_target(module_name: str, target_modules: TargetModules) -> bool:
+    """PEFT's rule: regex full match for a string, exact name or ".name" suffix for a list."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module_name) is not None
+    return any(module_name == t or module_name.endswith(f".{t}") for t in target_modules)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _refused_names(model: nn.Module) -> set[str]:
+    """Names of modules adapters may not target: the output head and every embedding."""
+    refused = {name for name, module in model.named_modules() if isinstance(module, nn.Embedding)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    refused |= {name for name, module in model.named_modules() if head is not None and module is head}
+    return refused
+
+
+def find_target_layers(model: nn.Module, target_modules: TargetModules) -> list[str]:
+    """Names of the linear layers `target_modules` selects; ValueError naming the fix otherwise."""
+    refused = _refused_names(model)
+    if target_modules == ALL_LINEAR:
+        return [n for n, m in model.named_modules() if _is_linear(m) and n not in refused]
+    names = []
+    for name, module in model.named_modules():
+        if not name or not matches_target(name, target_modules):
+            continue
+        if name in refused:
+            raise ValueError(
+                f"target_modules selects {name!r}, the output head or an embedding; adapters on "
+                "lm_head or embeddings are not supported yet: remove it from target_modules"
+            )
+        if isinstance(module, MultiAdapterLinear):
+            raise ValueError(f"{name!r} is already patched; patch a model once")
+        if _is_linear(module):
+            names.append(name)
+    if not names:
+        raise ValueError(
+            f"target_modules={target_modules!r} matches no linear layer of {type(model).__name__}; "
+            f"use module names such as {_example_names(model)} or {ALL_LINEAR!r}"
+        )
+    return names
+
+
+def _example_names(model: nn.Module) -> list[str]:
+    leaf_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)}
+    return sorted(leaf_names)[:8]
+
+
+def patch_model(
+    model: nn.Module, target_modules: TargetModules, capacity: SlotCapacity
+) -> dict[str, MultiAdapterLinear]:
+    """Replace each target linear layer by a MultiAdapterLinear around it; returns them by name."""
+    layers = {}
+    for name in find_target_layers(model, target_modules):
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapper = MultiAdapterLinear(getattr(parent, child_name), capacity)
+        setattr(parent, child_name, wrapper)
+        layers[name] = wrapper
+    return layers
+
+
+@contextmanager
+def adapter_batch_scope(layers: Iterable[MultiAdapterLinear], batch: AdapterBatch) -> Iterator[None]:
+    """Within the block, every forward of these layers receives `batch=batch`; always undone after.
+
+    One scope at a time per model: the engine runs one forward pass at a time.
+    """
+
+    def pass_batch(_module, args, kwargs):
+        return args, {**kwargs, "batch": batch}
+
+    handles = [layer.register_forward_pre_hook(pass_batch, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,60 @@
+"""The per-row reference: an adapter merged into a copy of the base model's weights.
+
+Every batched path is compared with this: merge one adapter into the weights, run one example
+at a time through the plain (unpatched) model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from flora_core.adapter_weights import AdapterWeights, FloraModule, Ia3Module, LoraModule
+
+
+def merged_delta_weight(module: LoraModule | FloraModule | Ia3Module, weight: torch.Tensor) -> torch.Tensor:
+    """The merged weight [d_out, d_in] for base weight [d_out, d_in], computed in float64."""
+    w = weight.double()
+    if isinstance(module, LoraModule):
+        return w + module.scale * module.b.double() @ module.a.double()
+    if isinstance(module, FloraModule):
+        mask = module.flora_out.double().t() @ module.flora_in.double() / module.rank
+        return w * mask
+    if module.on_input:
+        return w * module.scale.double()[None, :]
+    return w * module.scale.double()[:, None]
+
+
+def merge_adapter(base_model: nn.Module, adapter: AdapterWeights | None) -> nn.Module:
+    """A deep copy of base_model with the adapter merged into its weights (None: a plain copy)."""
+    model = copy.deepcopy(base_model)
+    if adapter is None:
+        return model
+    for name, module in adapter.modules.items():
+        layer = model.get_submodule(name)
+        transposed = isinstance(layer, Conv1D)
+        weight = layer.weight.t() if transposed else layer.weight
+        merged = merged_delta_weight(module, weight)
+        with torch.no_grad():
+            layer.weight.copy_((merged.t() if transposed else merged).to(layer.weight.dtype))
+            if isinstance(module, Ia3Module) and not module.on_input and layer.bias is not None:
+                layer.bias.mul_(module.scale.to(layer.bias.dtype))
+    return model
+
+
+@torch.no_grad()
+def per_row_logits(base_model: nn.Module, adapters: list[AdapterWeights | None], input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits [B, S, V]: row i run alone through base_model with adapters[i] merged."""
+    rows = []
+    merged_cache: dict[int, nn.Module] = {}
+    for i, adapter in enumerate(adapters):
+        key = id(adapter)
+        if key not in merged_cache:
+            merged_cache[key] = merge_adapter(base_model, adapter)
+        mask = None if attention_mask is None else attention_mask[i : i + 1]
+        rows.append(merged_cache[key](input_ids=input_ids[i : i + 1], attention_mask=mask).logits)
+    return torch.cat(rows)
