@@ -1,0 +1,253 @@
+"""Every batched path against the per-row reference (the adapter merged into the weights).
+
+Layer level: one MultiAdapterLinear (nn.Linear and GPT-2's Conv1D), every adapter kind, ranks 1
+to 64, every batch layout, fp32 and bf16, both LoRA strategies, and random compositions
+(hypothesis). Model level: tiny Llama, Qwen2 and GPT-2 with mixed adapters in one batch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import flora_core.multi_adapter_linear as mal
+from flora_core.adapter_batch import AdapterBatch, AdapterSlot
+from flora_core.adapter_weights import AdapterKind, AdapterWeights, Ia3Module
+from flora_core.batched_ops import LORA_STRATEGIES
+from flora_core.multi_adapter_linear import MultiAdapterLinear, SlotCapacity
+from flora_core.patching import adapter_batch_scope, patch_model
+from tests.factories import TINY_MODELS, random_adapter
+from tests.reference import merged_delta_weight, per_row_logits
+
+# Max abs error allowed per row, relative to that row's largest |reference| value. Layer
+# references are float64; model references are fp32 models with the adapter merged, whose own
+# rounding through every layer needs the looser "fp32-model" entry.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, "fp32-model": 1e-4}
+D_IN, D_OUT, TOKENS_PER_ROW = 48, 40, 3
+LAYOUTS = {
+    "one_adapter_many_rows": [0, 0, 0, 0, 0],
+    "all_distinct": [0, 1, 2, 3],
+    "interleaved": [0, 1, 0, 2, 1, 3, 0],
+    "with_base_rows": [None, 0, None, 1, 2, None, 3],
+    "base_only": [None, None],
+    "empty": [],
+}
+
+
+def make_layer(layer_type: str, dtype: torch.dtype, capacity: SlotCapacity) -> MultiAdapterLinear:
+    torch.manual_seed(1)
+    base = nn.Linear(D_IN, D_OUT) if layer_type == "linear" else Conv1D(D_OUT, D_IN)
+    if layer_type == "conv1d":
+        nn.init.normal_(base.weight, std=0.2)
+        nn.init.normal_(base.bias, std=0.2)
+    return MultiAdapterLinear(base.to(dtype), capacity)
+
+
+@torch.no_grad()
+def reference_rows(layer: MultiAdapterLinear, adapters: list[AdapterWeights | None], x: torch.Tensor) -> torch.Tensor:
+    """Row i of x ([B, S, d_in]) through the base layer with adapters[i] merged, in float64."""
+    base = layer.base_layer
+    weight = (base.weight.t() if isinstance(base, Conv1D) else base.weight).double()
+    rows = []
+    for adapter, x_row in zip(adapters, x.double()):
+        module = adapter.modules["layer"] if adapter else None
+        merged = merged_delta_weight(module, weight) if module else weight
+        bias = base.bias.double()
+        if isinstance(module, Ia3Module) and not module.on_input:
+            bias = bias * module.scale.double()
+        rows.append(x_row @ merged.t() + bias)
+    return torch.stack(rows) if rows else x.new_zeros(0, x.shape[1], D_OUT, dtype=torch.float64)
+
+
+def adapter_set(kinds: str, rank: int) -> list[AdapterWeights]:
+    """Four adapters on the module named "layer": of one kind, or LoRA/FLoRA/IA3 mixed."""
+    shapes = {"layer": (D_IN, D_OUT)}
+    order = {"lora": [AdapterKind.LORA] * 4, "flora": [AdapterKind.FLORA] * 4, "ia3": [AdapterKind.IA3] * 4,
+             "mixed": [AdapterKind.LORA, AdapterKind.FLORA, AdapterKind.IA3, AdapterKind.LORA]}[kinds]
+    ranks = [rank, max(1, rank // 2), rank, 1]  # mixed ranks share one batch
+    adapters = []
+    for i, kind in enumerate(order):
+        adapter = random_adapter(kind, shapes, rank=ranks[i], seed=10 + i, strength=1.0)
+        if kind is AdapterKind.IA3 and i % 2:  # feed-forward style input scaling
+            adapter = AdapterWeights(kind, {"layer": Ia3Module(1 + torch.randn(D_IN), on_input=True)})
+        adapters.append(adapter)
+    return adapters
+
+
+def load_into_slots(layer: MultiAdapterLinear, adapters: list[AdapterWeights]) -> list[AdapterSlot]:
+    slots, used = [], {kind: 0 for kind in AdapterKind}
+    for adapter in adapters:
+        slot = AdapterSlot(adapter.kind, used[adapter.kind])
+        used[adapter.kind] += 1
+        layer.write_slot(slot.kind, slot.slot, adapter.modules["layer"])
+        slots.append(slot)
+    return slots
+
+
+def run_layer(layer, slots, row_ids, x):
+    row_slots = [slots[i] if i is not None else None for i in row_ids]
+    batch = AdapterBatch.from_rows(row_slots, TOKENS_PER_ROW)
+    with torch.no_grad():
+        return layer(x, batch=batch)
+
+
+def row_scale(ref: torch.Tensor) -> torch.Tensor:
+    """Per-row scale [B]: the largest |value| of each row of ref ([B, ...]), at least 1."""
+    return ref.reshape(ref.shape[0], -1).abs().amax(dim=1).clamp(min=1.0)
+
+
+def assert_close_to_reference(out, ref, dtype):
+    """Each row's max abs error is within TOLERANCE[dtype] times that row's scale."""
+    if ref.numel() == 0:
+        return
+    err = (out.double() - ref).reshape(ref.shape[0], -1).abs().amax(dim=1)
+    allowed = TOLERANCE[dtype] * row_scale(ref)
+    assert bool((err <= allowed).all()), f"row errors {err.tolist()} over tolerance {allowed.tolist()}"
+
+
+def assert_visible_effect(ref, base_ref, row_ids, dtype):
+    """Not vacuous: every adapter row differs from the base far beyond the tolerance."""
+    if ref.numel() == 0:
+        return
+    effect = (ref - base_ref).reshape(ref.shape[0], -1).abs().amax(dim=1)
+    needed = 3 * TOLERANCE[dtype] * row_scale(ref)
+    for i, adapter_id in enumerate(row_ids):
+        if adapter_id is not None:
+            assert effect[i] > needed[i], f"row {i} (adapter {adapter_id}) barely changes the output"
+
+
+CAPACITY = SlotCapacity(lora_slots=4, lora_max_rank=64, flora_slots=4, flora_max_rank=64, ia3_slots=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layer_type", ["linear", "conv1d"])
+@pytest.mark.parametrize(("kinds", "rank"), [(k, r) for k in ["lora", "flora", "mixed"] for r in [1, 2, 8, 64]]
+                         + [("ia3", 1)])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layer_matches_per_row_reference(dtype, layer_type, kinds, rank, layout):
+    layer = make_layer(layer_type, dtype, CAPACITY)
+    adapters = adapter_set(kinds, rank)
+    slots = load_into_slots(layer, adapters)
+    row_ids = LAYOUTS[layout]
+    x = torch.randn(len(row_ids), TOKENS_PER_ROW, D_IN).to(dtype)
+    out = run_layer(layer, slots, row_ids, x)
+    row_adapters = [adapters[i] if i is not None else None for i in row_ids]
+    ref = reference_rows(layer, row_adapters, x)
+    assert out.shape == (len(row_ids), TOKENS_PER_ROW, D_OUT)
+    assert_close_to_reference(out, ref, dtype)
+    assert_visible_effect(ref, reference_rows(layer, [None] * len(row_ids), x), row_ids, dtype)
+
+
+@pytest.mark.parametrize("strategy", list(LORA_STRATEGIES))
+@pytest.mark.parametrize("layout", ["one_adapter_many_rows", "all_distinct", "interleaved", "with_base_rows"])
+def test_each_lora_strategy_matches_reference(monkeypatch, strategy, layout):
+    monkeypatch.setattr(mal, "pick_lora_strategy", lambda rows: strategy)
+    layer = make_layer("linear", torch.float32, CAPACITY)
+    adapters = adapter_set("lora", 8)
+    slots = load_into_slots(layer, adapters)
+    row_ids = LAYOUTS[layout]
+    x = torch.randn(len(row_ids), TOKENS_PER_ROW, D_IN)
+    ref = reference_rows(layer, [adapters[i] if i is not None else None for i in row_ids], x)
+    assert_close_to_reference(run_layer(layer, slots, row_ids, x), ref, torch.float32)
+
+
+def test_base_rows_get_exactly_the_base_layer_output():
+    layer = make_layer("linear", torch.float32, CAPACITY)
+    adapters = adapter_set("mixed", 4)
+    slots = load_into_slots(layer, adapters)
+    x = torch.randn(5, TOKENS_PER_ROW, D_IN)
+    # LoRA and IA3 rows beside base rows: the base GEMM runs on the whole batch, base rows untouched.
+    out = run_layer(layer, slots, [None, 0, 2, None, 3], x)
+    expected = layer.base_layer(x)
+    assert torch.equal(out[[0, 3]], expected[[0, 3]])
+    # With FLoRA rows, base rows go through the base layer on their own.
+    out = run_layer(layer, slots, [None, 1, None], x[:3])
+    assert torch.equal(out[[0, 2]], layer.base_layer(x[[0, 2]]))
+
+
+def test_freed_slots_leave_the_base_layer():
+    layer = make_layer("conv1d", torch.float32, CAPACITY)
+    adapters = adapter_set("mixed", 8)
+    slots = load_into_slots(layer, adapters)
+    x = torch.randn(4, TOKENS_PER_ROW, D_IN)
+    assert not torch.allclose(run_layer(layer, slots, [0, 1, 2, 3], x), layer.base_layer(x))
+    for slot in slots:
+        layer.clear_slot(slot.kind, slot.slot)
+    assert torch.equal(run_layer(layer, slots, [0, 1, 2, 3], x), layer.base_layer(x))
+
+
+ADAPTER_POOL = [(AdapterKind.LORA, 1), (AdapterKind.LORA, 8), (AdapterKind.FLORA, 1), (AdapterKind.FLORA, 4),
+                (AdapterKind.IA3, 1), (AdapterKind.LORA, 64)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.one_of(st.none(), st.integers(0, len(ADAPTER_POOL) - 1)), st.integers(1, 4)),
+                  max_size=10),
+    seed=st.integers(0, 2**16),
+)
+def test_random_batch_compositions_match_reference(rows, seed):
+    torch.manual_seed(seed)
+    layer = make_layer("linear", torch.float32, CAPACITY)
+    adapters = [random_adapter(kind, {"layer": (D_IN, D_OUT)}, rank=r, seed=seed + i)
+                for i, (kind, r) in enumerate(ADAPTER_POOL)]
+    slots = load_into_slots(layer, adapters)
+    counts = [n for _, n in rows]
+    x = torch.randn(sum(counts), D_IN)  # a packed batch: rows of different lengths back to back
+    batch = AdapterBatch.from_rows([slots[i] if i is not None else None for i, _ in rows], counts)
+    with torch.no_grad():
+        out = layer(x, batch=batch)
+    pieces, start = [], 0
+    for (adapter_id, n) in rows:
+        adapter = adapters[adapter_id] if adapter_id is not None else None
+        pieces.append(reference_rows(layer, [adapter], x[None, start:start + n])[0])
+        start += n
+    ref = torch.cat(pieces) if pieces else torch.zeros(0, D_OUT, dtype=torch.float64)
+    assert_close_to_reference(out, ref, torch.float32)
+
+
+def linear_shapes(layers) -> dict[str, tuple[int, int]]:
+    return {name: (layer.d_in, layer.d_out) for name, layer in layers.items()}
+
+
+@pytest.mark.parametrize("arch", list(TINY_MODELS))
+def test_model_mixed_batch_matches_merged_models(arch):
+    base = TINY_MODELS[arch]()
+    model = copy.deepcopy(base)
+    layers = patch_model(model, "all-linear", SlotCapacity(lora_slots=2, flora_slots=2, ia3_slots=1))
+    shapes = linear_shapes(layers)
+    attention_only = {n: s for n, s in shapes.items() if "attn" in n}
+    adapters = [
+        random_adapter(AdapterKind.LORA, shapes, rank=8, seed=1),
+        random_adapter(AdapterKind.FLORA, shapes, rank=2, seed=2),
+        random_adapter(AdapterKind.IA3, shapes, seed=3),
+        random_adapter(AdapterKind.LORA, attention_only, rank=1, seed=4),  # targets only some layers
+        random_adapter(AdapterKind.FLORA, attention_only, rank=1, seed=5),
+    ]
+    kinds_used = {kind: 0 for kind in AdapterKind}
+    slots = []
+    for adapter in adapters:
+        slot = AdapterSlot(adapter.kind, kinds_used[adapter.kind])
+        kinds_used[adapter.kind] += 1
+        for name, layer in layers.items():
+            layer.write_slot(slot.kind, slot.slot, adapter.modules.get(name))
+        slots.append(slot)
+    row_ids = [0, 1, None, 2, 3, 1, 4, None, 0]
+    input_ids = torch.randint(0, 128, (len(row_ids), 7), generator=torch.Generator().manual_seed(0))
+    batch = AdapterBatch.from_rows([slots[i] if i is not None else None for i in row_ids], 7)
+    with torch.no_grad(), adapter_batch_scope(layers.values(), batch):
+        logits = model(input_ids=input_ids).logits
+    row_adapters = [adapters[i] if i is not None else None for i in row_ids]
+    ref = per_row_logits(base, row_adapters, input_ids)
+    base_ref = per_row_logits(base, [None] * len(row_ids), input_ids)
+    assert_close_to_reference(logits, ref.double(), "fp32-model")
+    assert_visible_effect(ref.double(), base_ref.double(), row_ids, "fp32-model")
+    # Outside the scope the patched model is the base model again, bit for bit.
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids).logits, base(input_ids=input_ids).logits)
