@@ -1,0 +1,79 @@
+"""Measure the LoRA strategies (gather+bmm vs grouped) to set pick_lora_strategy's threshold.
+
+    python bench/lora_strategies.py --d-model 4096 --rank 16 --out bench/results/lora_strategies.json
+
+For each batch shape (tokens, distinct adapters) it times both strategies on one layer's delta
+and reports which wins, with the rule's choice beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from flora_core.adapter_batch import AdapterBatch, AdapterSlot
+from flora_core.adapter_weights import AdapterKind
+from flora_core.batched_ops import LORA_STRATEGIES, pick_lora_strategy
+
+
+def time_call(fn, repeats: int) -> float:
+    """Median seconds of fn() over repeats runs, after two warm-up calls."""
+    fn(), fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[len(samples) // 2]
+
+
+def run(d_model: int, rank: int, repeats: int, device: str) -> list[dict]:
+    slots = 64
+    lora_a = torch.randn(slots, rank, d_model, device=device) * 0.01
+    lora_b = torch.randn(slots, d_model, rank, device=device) * 0.01
+    results = []
+    for rows, tokens_per_row in [(1, 1), (8, 1), (32, 1), (64, 1), (8, 16), (32, 4), (8, 128), (32, 128)]:
+        for distinct in sorted({1, max(1, rows // 4), rows}):
+            row_slots = [AdapterSlot(AdapterKind.LORA, i % distinct) for i in range(rows)]
+            batch = AdapterBatch.from_rows(row_slots, tokens_per_row, device)
+            x = torch.randn(batch.num_tokens, d_model, device=device)
+            timings = {}
+            with torch.no_grad():
+                for name, fn in LORA_STRATEGIES.items():
+                    timings[name] = time_call(lambda: fn(x, lora_a, lora_b, batch.lora, rank), repeats)
+            best = min(timings, key=timings.get)
+            chosen = pick_lora_strategy(batch.lora)
+            results.append({"rows": rows, "tokens_per_row": tokens_per_row, "distinct": distinct,
+                            "ms": {k: round(v * 1e3, 4) for k, v in timings.items()},
+                            "fastest": best, "rule_picks": chosen,
+                            "rule_loss": round(timings[chosen] / timings[best], 3)})
+            print(f"rows={rows:3d} tok/row={tokens_per_row:3d} distinct={distinct:3d} "
+                  + " ".join(f"{k}={v * 1e3:8.3f}ms" for k, v in timings.items())
+                  + f"  fastest={best:8s} rule={chosen}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d-model", type=int, default=4096)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/lora_strategies.json"))
+    args = parser.parse_args()
+    results = run(args.d_model, args.rank, args.repeats, args.device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+               "device": args.device, "torch": torch.__version__}
+    args.out.write_text(json.dumps({"machine": machine, "d_model": args.d_model, "rank": args.rank,
+                                    "results": results}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
