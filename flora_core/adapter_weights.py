@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Mapping, Union
 
 import torch
@@ -26,7 +27,7 @@ class AdapterKind(str, enum.Enum):
     IA3 = "ia3"  # y = (W0 x) o l, or W0 (x o l) for feed-forward modules
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compare by identity, never by value
 class LoraModule:
     """One LoRA target: delta W = scale * b @ a.
 
@@ -42,7 +43,7 @@ class LoraModule:
         return self.a.shape[0]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FloraModule:
     """One FLoRA target: W = W0 o (flora_out^T @ flora_in / r), the mean over rank j of rank-1 masks.
 
@@ -58,7 +59,7 @@ class FloraModule:
         return self.flora_in.shape[0]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Ia3Module:
     """One IA3 target, as PEFT defines it.
 
@@ -73,7 +74,7 @@ class Ia3Module:
 ModuleWeights = Union[LoraModule, FloraModule, Ia3Module]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AdapterWeights:
     """A whole adapter: its kind and the weights of each module it targets.
 
@@ -84,6 +85,9 @@ class AdapterWeights:
     kind: AdapterKind
     modules: Mapping[str, ModuleWeights]
     config: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules", MappingProxyType(dict(self.modules)))
 
     @property
     def rank(self) -> int:
