@@ -63,18 +63,24 @@ LORA_STRATEGIES: dict[str, LoraDeltaFn] = {
     "grouped": lora_delta_grouped,
 }
 
-# Measured with bench/lora_strategies.py (see README, Performance): grouped wins once each
-# distinct adapter has a few tokens to share its matmuls; bmm wins for decode batches of
-# one token per distinct adapter, where grouped pays one Python-level matmul pair per row.
-GROUPED_MIN_TOKENS_PER_SLOT = 4
+# The rule, from bench/lora_strategies.py (README, Performance). On the CPU, grouped won every
+# measured shape (d_model 4096, rank 16; 1-64 rows, 1-128 tokens per row, 1 to all-distinct
+# adapters) by 5x to 35x: gathering per-token copies of A and B costs more than one matmul pair per
+# adapter. On a GPU the trade flips where many distinct adapters have few tokens each: grouped
+# launches two kernels per adapter, bmm two in all. That threshold is the paper's reasoning, still
+# to be measured on a lent GPU.
+CUDA_BMM_MIN_DISTINCT = 8
+CUDA_BMM_MAX_TOKENS_PER_SLOT = 2
 
 
 def pick_lora_strategy(rows: SlotRows) -> str:
-    """Choose the LoRA strategy for one batch: "grouped" when adapters share enough tokens."""
+    """Choose the LoRA strategy for one batch: a name in LORA_STRATEGIES."""
     num_distinct = len(rows.segments)
-    if num_distinct <= 1 or rows.num_tokens >= GROUPED_MIN_TOKENS_PER_SLOT * num_distinct:
+    if rows.token_index.device.type != "cuda" or num_distinct < CUDA_BMM_MIN_DISTINCT:
         return "grouped"
-    return "bmm"
+    if rows.num_tokens <= CUDA_BMM_MAX_TOKENS_PER_SLOT * num_distinct:
+        return "bmm"
+    return "grouped"
 
 
 def flora_matmul(
