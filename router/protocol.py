@@ -1,0 +1,229 @@
+"""OpenAI-compatible request and response bodies (completions, chat completions, models, errors).
+
+Request bodies refuse unknown fields, so a typo is a 400 naming the field rather than a silent
+default. Fields OpenAI defines that we do not implement are accepted only at their neutral value.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_LOGPROBS = 20
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[Union[str, int]] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = Field(False, description="Send a last chunk with the token usage.")
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields completions and chat completions share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="An adapter's name, or the base model's name for no adapter.")
+    max_tokens: Optional[int] = Field(None, description="Tokens to generate at most (default 16).")
+    temperature: float = Field(1.0, description="0 is greedy decoding.")
+    top_p: float = Field(1.0, description="Nucleus sampling mass, in (0, 1].")
+    top_k: int = Field(-1, description="Sample from the k most likely tokens; -1 or 0 is off.")
+    n: int = Field(1, description="Completions to generate for each prompt.")
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = Field(None, description="Strings that end generation (not returned).")
+    stop_token_ids: Optional[list[int]] = Field(None, description="Token ids that end generation.")
+    seed: Optional[int] = Field(None, description="Makes sampling reproducible for this request.")
+    user: Optional[str] = None
+    presence_penalty: float = Field(0.0, description="Not supported: only 0.")
+    frequency_penalty: float = Field(0.0, description="Not supported: only 0.")
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _only_zero(cls, value: float, info) -> float:
+        if value != 0.0:
+            raise ValueError(f"{info.field_name} is not supported yet; leave it at 0")
+        return value
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: Union[str, list[int], list[str], list[list[int]]] = Field(
+        description="Text, token ids, or a list of either (one completion set per prompt)."
+    )
+    logprobs: Optional[int] = Field(None, description=f"Top log-probabilities per token, 0 to {MAX_LOGPROBS}.")
+    echo: bool = Field(False, description="Return the prompt before the completion.")
+    best_of: Optional[int] = Field(None, description="Not supported beyond n.")
+    suffix: Optional[str] = Field(None, description="Not supported.")
+
+    @model_validator(mode="after")
+    def _check_unsupported(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported; leave it unset or equal to n")
+        if self.suffix:
+            raise ValueError("suffix is not supported; leave it unset")
+        return self
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The prompts as a list: one text or one token-id list each."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return [list(prompt)]
+        return list(prompt)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+    name: Optional[str] = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, description="Same as max_tokens; wins if both are set.")
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, description=f"0 to {MAX_LOGPROBS}, with logprobs=true.")
+
+
+# ------------------------------------------------------------------ responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = []
+    token_logprobs: list[Optional[float]] = []
+    top_logprobs: list[Optional[dict[str, float]]] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+def _completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=_completion_id)
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatDelta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] = []
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+def _chat_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=_chat_id)
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Optional[Usage] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    """One entry of GET /v1/models: the base model or an adapter, with what it is."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "flora-serve"
+    root: str = Field(description="The base model every adapter runs on.")
+    parent: Optional[str] = Field(None, description="The base model, for an adapter; null for the base.")
+    kind: Optional[Literal["lora", "flora", "ia3"]] = None
+    rank: Optional[int] = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class LoadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="The adapter's folder name under the configured adapter root.")
