@@ -100,13 +100,22 @@ def flora_matmul(
     """
     xs = _gather_rows(x, rows)  # [n, d_in]
     n, d_in = xs.shape
-    factor_in = flora_in[:, :rank].index_select(0, rows.slots)  # [n, r, d_in]
-    factor_out = flora_out[:, :rank].index_select(0, rows.slots)  # [n, r, d_out]
+    factor_in, factor_out = _flora_factors(flora_in, flora_out, rows, rank)  # [n or 1, r, d_in / d_out]
     scaled = (factor_in * xs.unsqueeze(1)).reshape(n * rank, d_in)  # [n*r, d_in]
     projected = F.linear(scaled, weight).view(n, rank, -1)  # [n, r, d_out]
     if rank == 1:
         return projected.squeeze(1) * factor_out.squeeze(1)
     return (projected * factor_out).sum(dim=1)
+
+
+def _flora_factors(
+    flora_in: torch.Tensor, flora_out: torch.Tensor, rows: SlotRows, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's factors, [n, r, d]; [1, r, d] to broadcast when all tokens share one slot."""
+    if len(rows.segments) == 1:
+        slot = rows.segments[0].slot
+        return flora_in[slot : slot + 1, :rank], flora_out[slot : slot + 1, :rank]
+    return flora_in[:, :rank].index_select(0, rows.slots), flora_out[:, :rank].index_select(0, rows.slots)
 
 
 def ia3_scale(h: torch.Tensor, scales: torch.Tensor, rows: SlotRows) -> torch.Tensor:
