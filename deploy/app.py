@@ -1,0 +1,141 @@
+"""The application builder: `serve run deploy/serve_config.yaml`, or `serve run deploy.app:build_app model=...`.
+
+    applications:
+      - name: flora
+        import_path: deploy.app:build_app
+        args: {model: flora-tiny-llama}
+
+Arguments are checked by `AppArgs` (unknown keys are refused). Defaults suit the machine the
+replicas get: float32 on CPU, bfloat16 on GPU (replica_num_gpus > 0).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from flora_core.default_model import DEFAULT_MODEL_NAME, default_model_dir
+from router.catalog import AdapterCatalog
+from router.ingress import FloraIngress
+from router.replica import FloraReplica
+from router.settings import IngressSettings, ReplicaSettings
+
+MAX_POSITIONS_DEFAULT_CAP = 4096
+
+
+class AppArgs(BaseModel):
+    """Everything `build_app` takes; see each field's description."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(DEFAULT_MODEL_NAME, description=f"A local Hugging Face model directory, or "
+                       f"{DEFAULT_MODEL_NAME!r} for the embedded default. Nothing is downloaded.")
+    adapter_dir: Optional[str] = Field(None, description="Root folder of adapters: each subfolder one adapter, named "
+                                       "by its folder. Default: the embedded model's demo adapters.")
+    served_model_name: Optional[str] = Field(None, description="The base model's name in the API (default: "
+                                             "the model directory's name).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: float32 on CPU, "
+                                                                      "bfloat16 on GPU.")
+    num_replicas: Union[int, Literal["auto"]] = Field(1, description="Model replicas; 'auto' with autoscaling.")
+    autoscaling_config: Optional[dict] = Field(None, description="Ray Serve autoscaling for the model replicas.")
+    replica_num_cpus: float = Field(1.0, description="CPUs per model replica (also its torch threads).")
+    replica_num_gpus: float = Field(0.0, description="GPUs per model replica; > 0 puts the model on CUDA.")
+    lora_slots: int = Field(16, description="LoRA adapters resident per replica at once.")
+    lora_max_rank: int = Field(64, description="Largest LoRA rank served.")
+    flora_slots: int = Field(16, description="FLoRA adapters resident per replica at once.")
+    flora_max_rank: int = Field(16, description="Largest FLoRA rank served.")
+    ia3_slots: int = Field(16, description="IA3 adapters resident per replica at once.")
+    max_host_bytes: Optional[int] = Field(2 << 30, description="Host cache of adapter weights per replica, bytes.")
+    max_adapter_bytes: Optional[int] = Field(1 << 30, description="Largest adapter file accepted, bytes.")
+    max_model_len: Optional[int] = Field(None, description="Prompt + completion tokens at most (default: the "
+                                         f"model's positions, at most {MAX_POSITIONS_DEFAULT_CAP}).")
+    max_running: int = Field(64, description="Sequences decoding at once per replica.")
+    max_batched_tokens: Optional[int] = Field(None, description="Prefill tokens per engine step (default: 4 x "
+                                              "max_model_len).")
+    default_max_tokens: int = Field(16, description="max_tokens when a request leaves it out (OpenAI: 16).")
+    max_batch_size: int = Field(32, description="@serve.batch: requests per dispatched batch at most.")
+    batch_wait_timeout_s: float = Field(0.005, description="@serve.batch: how long a batch waits to fill.")
+    max_concurrent_batches: int = Field(8, description="@serve.batch: batches in flight at once per ingress.")
+    max_queued_requests: int = Field(512, description="Requests in flight per ingress before 503.")
+    enable_adapter_management: bool = Field(False, description="Enable POST /v1/adapters/load and /unload.")
+    management_token: Optional[str] = Field(None, description="Bearer token the management API requires.")
+    routing_imbalance_threshold: int = Field(8, description="Adapter affinity yields once a replica is this many "
+                                             "requests busier than the least busy one.")
+
+
+def resolve_model_dir(model: str) -> Path:
+    if model == DEFAULT_MODEL_NAME:
+        return default_model_dir()
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model={model!r} is not a local Hugging Face model directory (no config.json); pass a "
+                         f"directory, or {DEFAULT_MODEL_NAME!r} for the embedded default (nothing is downloaded)")
+    return path.resolve()
+
+
+def model_positions(model_dir: Path) -> int:
+    from transformers import AutoConfig  # noqa: PLC0415 - keep import time light for `serve` CLIs
+
+    config = AutoConfig.from_pretrained(model_dir).get_text_config()
+    return int(getattr(config, "max_position_embeddings", MAX_POSITIONS_DEFAULT_CAP))
+
+
+def resolve(args: AppArgs) -> tuple[ReplicaSettings, IngressSettings]:
+    """Settings for each deployment, with every 'auto' and default decided."""
+    model_dir = resolve_model_dir(args.model)
+    adapter_dir = args.adapter_dir
+    if adapter_dir is None and args.model == DEFAULT_MODEL_NAME and (model_dir / "adapters").is_dir():
+        adapter_dir = str(model_dir / "adapters")
+    if adapter_dir is not None and not Path(adapter_dir).is_dir():
+        raise ValueError(f"adapter_dir={adapter_dir!r} is not a directory; create it or leave adapter_dir unset")
+    device = "cuda" if args.replica_num_gpus > 0 else "cpu"
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    max_model_len = args.max_model_len or min(model_positions(model_dir), MAX_POSITIONS_DEFAULT_CAP)
+    name = args.served_model_name or (DEFAULT_MODEL_NAME if args.model == DEFAULT_MODEL_NAME else model_dir.name)
+    replica = ReplicaSettings(
+        model_path=str(model_dir), served_model_name=name, adapter_dir=adapter_dir, dtype=dtype, device=device,
+        lora_slots=args.lora_slots, lora_max_rank=args.lora_max_rank, flora_slots=args.flora_slots,
+        flora_max_rank=args.flora_max_rank, ia3_slots=args.ia3_slots, max_host_bytes=args.max_host_bytes,
+        max_adapter_bytes=args.max_adapter_bytes, max_model_len=max_model_len, max_running=args.max_running,
+        max_batched_tokens=args.max_batched_tokens or 4 * max_model_len,
+        torch_threads=max(1, math.floor(args.replica_num_cpus)))
+    ingress = IngressSettings(
+        model_path=str(model_dir), served_model_name=name, adapter_dir=adapter_dir, max_model_len=max_model_len,
+        default_max_tokens=args.default_max_tokens, max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s, max_concurrent_batches=args.max_concurrent_batches,
+        max_queued_requests=args.max_queued_requests, enable_adapter_management=args.enable_adapter_management,
+        management_token=args.management_token, max_adapter_bytes=args.max_adapter_bytes,
+        max_rank=max(args.lora_max_rank, args.flora_max_rank))
+    return replica, ingress
+
+
+def build_app(args: dict) -> Application:
+    """Build the flora-serve application from `args` (validated as AppArgs)."""
+    app_args = AppArgs.model_validate(args or {})
+    replica_settings, ingress_settings = resolve(app_args)
+    scaling = ({"autoscaling_config": app_args.autoscaling_config or {"min_replicas": 1, "max_replicas": 4}}
+               if app_args.num_replicas == "auto" else {"num_replicas": app_args.num_replicas})
+    replica = serve.deployment(FloraReplica, name="FloraReplica").options(
+        ray_actor_options={"num_cpus": app_args.replica_num_cpus, "num_gpus": app_args.replica_num_gpus},
+        max_ongoing_requests=max(8, app_args.max_running),
+        request_router_config=RequestRouterConfig(
+            request_router_class="router.adapter_router:AdapterAffinityRouter",
+            request_router_kwargs={"imbalance_threshold": app_args.routing_imbalance_threshold},
+            request_routing_stats_period_s=1, request_routing_stats_timeout_s=5),
+        health_check_period_s=5, health_check_timeout_s=30, **scaling)
+    catalog = serve.deployment(AdapterCatalog, name="AdapterCatalog").options(
+        num_replicas=1, ray_actor_options={"num_cpus": 0})
+    ingress = serve.deployment(FloraIngress, name="FloraIngress").options(
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=app_args.max_queued_requests,
+        max_queued_requests=4 * app_args.max_queued_requests)
+    return ingress.bind(
+        ingress_settings,
+        replica.bind(replica_settings),
+        catalog.bind(ingress_settings.adapter_dir, app_args.max_adapter_bytes, ingress_settings.max_rank),
+    )

@@ -1,0 +1,422 @@
+"""The OpenAI-compatible ingress: validate, translate, batch across adapters, stream back.
+
+Every completion becomes one ReplicaRequest per (prompt, choice). Concurrent requests, whatever
+their adapters, are grouped by `@serve.batch` (max_batch_size, batch_wait_timeout_s,
+max_concurrent_batches from the config) and each group goes to one replica in ONE call, chosen
+by router.adapter_router; the replica runs them in one engine, each row with its own adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import contextmanager
+from typing import AsyncIterator, Iterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from transformers import AutoConfig, AutoTokenizer
+
+from flora_core.request_output import RequestOutput
+from router import openai_format as fmt
+from router.catalog import CatalogSnapshot
+from router.errors import ApiError, bad_request, error_for_exception, overloaded, unknown_model
+from router.handle_api import GenerateChunk, GenerateRequest, GenerateResponse, GenerateUsage
+from router.messages import AdapterRef, ReplicaRequest
+from router.metrics import IngressMetrics
+from router.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                             ChatDelta, ChatMessageOut, ChatStreamChoice, CompletionRequest, CompletionResponse,
+                             LoadAdapterRequest, ModelCard, ModelList)
+from router.settings import IngressSettings
+
+logger = logging.getLogger("ray.serve")
+CATALOG_TTL_S = 1.0  # how stale the ingress's copy of the adapter catalog may get
+MAX_CHOICES = 64  # n x prompts per request
+
+app = FastAPI(title="flora-serve", description="One base model, many adapters, one batch: OpenAI-compatible API.")
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_body(_request: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0] if error.errors() else {}
+    location = [str(p) for p in first.get("loc", ()) if p != "body" and not isinstance(p, int)]
+    message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+                        for e in error.errors())
+    return bad_request(f"Invalid request: {message}", location[0] if location else None).response()
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
+    return error.response()
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
+    logger.exception("flora ingress: unexpected error")
+    return error_for_exception(error).response()
+
+
+@serve.ingress(app)
+class FloraIngress:
+    """See the module docstring. Deployed by deploy.app.build_app."""
+
+    def __init__(self, settings: IngressSettings, replica: DeploymentHandle, catalog: DeploymentHandle) -> None:
+        self.settings = settings
+        self.replica = replica
+        self.catalog = catalog
+        self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path, local_files_only=True)
+        self.vocab_size = AutoConfig.from_pretrained(settings.model_path).get_text_config().vocab_size
+        self._dispatch = serve.batch(max_batch_size=settings.max_batch_size,
+                                     batch_wait_timeout_s=settings.batch_wait_timeout_s,
+                                     max_concurrent_batches=settings.max_concurrent_batches)(self._dispatch_batch)
+        self._catalog: Optional[CatalogSnapshot] = None
+        self._catalog_at = 0.0
+        self._in_flight = 0
+        self._replica_of: dict[str, str] = {}  # request id -> the replica running it
+        self.metrics = IngressMetrics()
+
+    # ------------------------------------------------------------------ HTTP routes
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(self) -> JSONResponse:
+        try:
+            stats = await asyncio.wait_for(self.replica.stats.remote(), timeout=10)
+        except Exception as error:  # not ready yet, or no replica answers
+            return overloaded(f"no model replica answered ({type(error).__name__}); retry shortly").response()
+        return JSONResponse({"status": "ready", "replica": stats["replica_id"]})
+
+    @app.get("/v1/models")
+    async def models(self) -> ModelList:
+        snapshot = await self._snapshot(refresh=True)
+        base = self.settings.served_model_name
+        cards = [ModelCard(id=base, root=base)]
+        cards += [ModelCard(id=e.name, root=base, parent=base, kind=e.kind, rank=e.rank)
+                  for e in sorted(snapshot.entries.values(), key=lambda e: e.name)]
+        return ModelList(data=cards)
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest):
+        prompts = body.prompts()
+        fmt.check_counts(body.n, len(prompts), MAX_CHOICES)
+        if body.echo and body.logprobs is not None:
+            raise bad_request("echo together with logprobs is not supported; drop one of them", "echo")
+        adapter = await self._adapter_ref(body.model)
+        jobs, echoes, prompt_lens = [], [], []
+        for prompt in prompts:
+            ids = fmt.tokenize_prompt(self.tokenizer, prompt, self.vocab_size)
+            prompt_lens.append(len(ids))
+            echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if body.echo else ""
+            for _ in range(body.n):
+                params = fmt.sampling_params(body, len(ids), self.settings.max_model_len,
+                                             self.settings.default_max_tokens, body.logprobs, len(jobs))
+                jobs.append(self._job(ids, params, adapter))
+                echoes.append(echo)
+        want_logprobs = body.logprobs is not None
+        if body.stream:
+            return await self._stream_completion(body, jobs, echoes, prompt_lens, want_logprobs)
+        outputs = await self._run_all(jobs, body.model)
+        choices = [fmt.completion_choice(self.tokenizer, i, o, echoes[i], want_logprobs, delta=False)
+                   for i, o in enumerate(outputs)]
+        return CompletionResponse(model=body.model, choices=choices, usage=fmt.usage_of(outputs, prompt_lens))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest):
+        fmt.check_counts(body.n, 1, MAX_CHOICES)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        adapter = await self._adapter_ref(body.model)
+        ids = fmt.chat_prompt_ids(self.tokenizer, body)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        jobs = [self._job(ids, fmt.sampling_params(body, len(ids), self.settings.max_model_len,
+                                                   self.settings.default_max_tokens, logprobs, i), adapter)
+                for i in range(body.n)]
+        if body.stream:
+            return await self._stream_chat(body, jobs, len(ids))
+        outputs = await self._run_all(jobs, body.model)
+        choices = [ChatChoice(index=i, message=ChatMessageOut(content=o.text),
+                              logprobs=fmt.chat_logprobs(self.tokenizer, o.logprobs or ()) if body.logprobs else None,
+                              finish_reason=fmt._finish(o)) for i, o in enumerate(outputs)]
+        return ChatCompletionResponse(model=body.model, choices=choices, usage=fmt.usage_of(outputs, [len(ids)]))
+
+    @app.get("/v1/adapters")
+    async def list_adapters(self) -> dict:
+        snapshot = await self._snapshot(refresh=True)
+        return {"object": "list", "data": [vars(e) for e in sorted(snapshot.entries.values(), key=lambda e: e.name)]}
+
+    @app.post("/v1/adapters/load")
+    async def load_adapter(self, body: LoadAdapterRequest, request: Request) -> dict:
+        self._check_management(request)
+        result = await self.catalog.load.remote(body.name)
+        if isinstance(result, str):
+            raise bad_request(result, "name")
+        await self._snapshot(refresh=True)
+        return {"loaded": vars(result)}
+
+    @app.post("/v1/adapters/unload")
+    async def unload_adapter(self, body: LoadAdapterRequest, request: Request) -> dict:
+        self._check_management(request)
+        if not await self.catalog.unload.remote(body.name):
+            raise unknown_model(body.name, "It is not loaded; GET /v1/adapters lists what is.")
+        await self._snapshot(refresh=True)
+        return {"unloaded": body.name}
+
+    # ------------------------------------------------------------------ Python handle API
+
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        """One request, whole answer; ValueError names the bad field, UnknownAdapter-style 404s as KeyError."""
+        job, adapter_name = await self._handle_job(request)
+        output = (await self._run_all([job], adapter_name))[0]
+        logprobs = None if output.logprobs is None else [
+            {"token_id": t.token_id, "logprob": t.logprob, "top": [list(x) for x in t.top]} for t in output.logprobs]
+        return GenerateResponse(adapter=request.adapter, text=output.text, token_ids=list(output.token_ids),
+                                finish_reason=fmt._finish(output), logprobs=logprobs,
+                                usage=GenerateUsage(prompt_tokens=output.usage.prompt_tokens,
+                                                    completion_tokens=output.usage.completion_tokens),
+                                time_to_first_token_s=output.timings.time_to_first_token)
+
+    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        job, adapter_name = await self._handle_job(request)
+        with self._admitted(1):
+            async for output in self._outputs(job):
+                yield GenerateChunk(delta_text=output.delta_text, delta_token_ids=list(output.delta_token_ids),
+                                    finish_reason=fmt._finish(output) if output.finished else None)
+
+    async def _handle_job(self, request: GenerateRequest) -> tuple[ReplicaRequest, str]:
+        name = request.adapter or self.settings.served_model_name
+        body = CompletionRequest(model=name, prompt=request.prompt, max_tokens=request.max_tokens,
+                                 temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                                 seed=request.seed, stop=request.stop or None,
+                                 stop_token_ids=request.stop_token_ids or None)
+        try:
+            adapter = await self._adapter_ref(name)
+            ids = fmt.tokenize_prompt(self.tokenizer, request.prompt, self.vocab_size)
+            params = fmt.sampling_params(body, len(ids), self.settings.max_model_len,
+                                         self.settings.default_max_tokens, request.logprobs, 0)
+        except ApiError as error:
+            if error.status == 404:
+                raise KeyError(error.message) from None
+            raise ValueError(f"GenerateRequest.{error.param or 'body'}: {error.message}") from None
+        return self._job(ids, params, adapter), name
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _job(self, ids: list[int], params, adapter: Optional[AdapterRef]) -> ReplicaRequest:
+        return ReplicaRequest(request_id=uuid.uuid4().hex, prompt_token_ids=tuple(ids), params=params,
+                              adapter=adapter)
+
+    async def _dispatch_batch(self, requests: list[ReplicaRequest]) -> AsyncIterator[list]:
+        """@serve.batch body: send the whole group to one replica, fan its per-step events back out."""
+        self.metrics.record_batch([r.adapter.name if r.adapter else "" for r in requests])
+        stream = self.replica.options(stream=True).generate_batch.remote(requests)
+        done = [False] * len(requests)
+        async for item in stream:
+            if isinstance(item, str):  # the replica's id comes first
+                for request in requests:
+                    self._replica_of[request.request_id] = item
+                continue
+            batch = []
+            for i, events in enumerate(item):
+                batch.append(StopIteration if done[i] else events)
+                done[i] = done[i] or any(event.finished for event in events)
+            yield batch
+        if not all(done):  # the stream ended early: its requests must not wait forever
+            yield [StopIteration if d else [] for d in done]
+
+    async def _outputs(self, job: ReplicaRequest) -> AsyncIterator[RequestOutput]:
+        """One request's outputs; ApiError if it failed; an abandoned stream aborts it on its replica."""
+        finished = False
+        try:
+            async for events in self._dispatch(job):
+                for event in events:
+                    if event.error is not None:
+                        finished = True
+                        e = event.error
+                        raise ApiError(e.status, e.message, e.type, e.param)
+                    finished = event.output.finished
+                    yield event.output
+                    if finished:
+                        return
+            if not finished:
+                raise ApiError(503, "the model replica stopped before finishing this request; retry",
+                               "server_overloaded")
+        finally:
+            replica = self._replica_of.pop(job.request_id, None)
+            if not finished and replica is not None:
+                asyncio.get_running_loop().create_task(self._abort(job.request_id, replica))
+
+    async def _abort(self, request_id: str, replica: str) -> None:
+        try:
+            await self.replica.abort.remote(request_id, target_replica=replica)
+        except Exception:  # the replica is gone: nothing left to free
+            logger.info("flora ingress: could not abort %s on %s", request_id, replica)
+
+    async def _run_all(self, jobs: list[ReplicaRequest], model: str) -> list[RequestOutput]:
+        with self._admitted(len(jobs)):
+            outputs = await asyncio.gather(*(self._last_output(job) for job in jobs))
+        for output in outputs:
+            self.metrics.record_request(model, 200, output.usage.completion_tokens,
+                                        output.timings.time_to_first_token)
+        return outputs
+
+    async def _last_output(self, job: ReplicaRequest) -> RequestOutput:
+        last = None
+        async for output in self._outputs(job):
+            last = output
+        return last
+
+    @contextmanager
+    def _admitted(self, count: int) -> Iterator[None]:
+        if self._in_flight + count > self.settings.max_queued_requests:
+            raise overloaded(f"the server is at capacity ({self._in_flight} requests in flight); retry shortly")
+        self._in_flight += count
+        self.metrics.queue.set(self._in_flight)
+        try:
+            yield
+        finally:
+            self._in_flight -= count
+            self.metrics.queue.set(self._in_flight)
+
+    # ------------------------------------------------------------------ streaming
+
+    async def _first_events(self, jobs: list[ReplicaRequest]) -> list[tuple[AsyncIterator, RequestOutput]]:
+        """Start every choice and wait for its first output, so admission errors get a real status."""
+        streams = [self._outputs(job) for job in jobs]
+        try:
+            firsts = await asyncio.gather(*(anext(s) for s in streams))
+        except BaseException:
+            await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+            raise
+        return list(zip(streams, firsts))
+
+    async def _merged(self, started: list[tuple[AsyncIterator, RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream: AsyncIterator, first: RequestOutput) -> None:
+            try:
+                await queue.put((index, first))
+                async for output in stream:
+                    await queue.put((index, output))
+            except Exception as error:
+                await queue.put((index, error))
+
+        tasks = [asyncio.create_task(pump(i, s, f)) for i, (s, f) in enumerate(started)]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                remaining -= item.finished
+                yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            for stream, _ in started:
+                await stream.aclose()
+
+    async def _stream_completion(self, body: CompletionRequest, jobs, echoes, prompt_lens, want_logprobs):
+        admitted = self._admitted(len(jobs))
+        admitted.__enter__()
+        try:
+            started = await self._first_events(jobs)
+        except BaseException:
+            admitted.__exit__(None, None, None)
+            raise
+        completion_id, finals = f"cmpl-{uuid.uuid4().hex}", {}
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                sent_echo = set()
+                async for index, output in self._merged(started):
+                    echo = echoes[index] if index not in sent_echo else ""
+                    sent_echo.add(index)
+                    choice = fmt.completion_choice(self.tokenizer, index, output, echo, want_logprobs, delta=True)
+                    yield fmt.sse(CompletionResponse(id=completion_id, model=body.model, choices=[choice]))
+                    if output.finished:
+                        finals[index] = output
+                if body.stream_options and body.stream_options.include_usage:
+                    usage = fmt.usage_of(list(finals.values()), prompt_lens)
+                    yield fmt.sse(CompletionResponse(id=completion_id, model=body.model, choices=[], usage=usage))
+                yield fmt.SSE_DONE
+            except ApiError as error:
+                yield fmt.error_event(error)
+                yield fmt.SSE_DONE
+            finally:
+                admitted.__exit__(None, None, None)
+                for output in finals.values():
+                    self.metrics.record_request(body.model, 200, output.usage.completion_tokens,
+                                                output.timings.time_to_first_token)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _stream_chat(self, body: ChatCompletionRequest, jobs, prompt_len: int):
+        admitted = self._admitted(len(jobs))
+        admitted.__enter__()
+        try:
+            started = await self._first_events(jobs)
+        except BaseException:
+            admitted.__exit__(None, None, None)
+            raise
+        chat_id, finals = f"chatcmpl-{uuid.uuid4().hex}", {}
+
+        def chunk(choices, usage=None) -> str:
+            return fmt.sse(ChatCompletionChunk(id=chat_id, model=body.model, choices=choices, usage=usage))
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                             for i in range(len(jobs))])
+                async for index, output in self._merged(started):
+                    logprobs = fmt.chat_logprobs(self.tokenizer, output.delta_logprobs or ()) if body.logprobs else None
+                    finish = fmt._finish(output) if output.finished else None
+                    yield chunk([ChatStreamChoice(index=index, delta=ChatDelta(content=output.delta_text),
+                                                  logprobs=logprobs, finish_reason=finish)])
+                    if output.finished:
+                        finals[index] = output
+                if body.stream_options and body.stream_options.include_usage:
+                    yield chunk([], fmt.usage_of(list(finals.values()), [prompt_len]))
+                yield fmt.SSE_DONE
+            except ApiError as error:
+                yield fmt.error_event(error)
+                yield fmt.SSE_DONE
+            finally:
+                admitted.__exit__(None, None, None)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _snapshot(self, refresh: bool = False) -> CatalogSnapshot:
+        if refresh or self._catalog is None or time.monotonic() - self._catalog_at > CATALOG_TTL_S:
+            self._catalog = await self.catalog.snapshot.remote()
+            self._catalog_at = time.monotonic()
+        return self._catalog
+
+    async def _adapter_ref(self, model: str) -> Optional[AdapterRef]:
+        if model == self.settings.served_model_name:
+            return None
+        entry = (await self._snapshot()).entries.get(model)
+        if entry is None:  # maybe loaded a moment ago through another ingress replica
+            entry = (await self._snapshot(refresh=True)).entries.get(model)
+        if entry is None:
+            raise unknown_model(model, f"Use {self.settings.served_model_name!r} for the base model; "
+                                       "GET /v1/models lists the adapters.")
+        return entry.ref
+
+    def _check_management(self, request: Request) -> None:
+        if not self.settings.enable_adapter_management:
+            raise ApiError(403, "adapter management is disabled; start the app with enable_adapter_management: true",
+                           "permission_error")
+        token = self.settings.management_token
+        if token and request.headers.get("authorization", "") != f"Bearer {token}":
+            raise ApiError(401, "adapter management needs 'Authorization: Bearer <management_token>'",
+                           "authentication_error")

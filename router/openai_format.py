@@ -1,0 +1,136 @@
+"""Translate between OpenAI bodies and the engine: prompts and parameters in, choices and chunks out.
+
+Pure functions over a tokenizer; the ingress calls them and does the I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Optional, Sequence, Union
+
+from flora_core.request_output import RequestOutput, TokenLogprob
+from flora_core.sampling_params import SamplingParams
+from router.errors import ApiError, bad_request
+from router.protocol import (
+    ChatCompletionRequest,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    SamplingFields,
+    TopLogprob,
+    Usage,
+)
+
+_FIELD_IN_MESSAGE = re.compile(r"SamplingParams\.(\w+)")
+
+
+def tokenize_prompt(tokenizer, prompt: Union[str, Sequence[int]], vocab_size: int) -> list[int]:
+    """Token ids of a text or token-id prompt; 400 for empty prompts and ids outside the vocabulary."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request("prompt is empty; send at least one character or token id", "prompt")
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    ids = list(prompt)
+    if not ids:
+        raise bad_request("prompt is an empty token list; send at least one token id", "prompt")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise bad_request(f"prompt has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}", "prompt")
+    return ids
+
+
+def chat_prompt_ids(tokenizer, request: ChatCompletionRequest) -> list[int]:
+    """The chat template applied to the messages, ready for generation; 400 if the model has none."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_request("this model's tokenizer has no chat template; use /v1/completions instead", "messages")
+    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    return list(ids)
+
+
+def sampling_params(body: SamplingFields, prompt_len: int, max_model_len: int, default_max_tokens: int,
+                    logprobs: Optional[int], choice_index: int) -> SamplingParams:
+    """SamplingParams for one choice, with the context check; 400 naming the field otherwise."""
+    max_tokens = body.max_tokens
+    if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+        max_tokens = body.max_completion_tokens
+    if max_tokens is None:
+        max_tokens = max(1, min(default_max_tokens, max_model_len - prompt_len))
+    if prompt_len + max_tokens > max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens; the prompt has {prompt_len} and "
+            f"max_tokens asks for {max_tokens}. Shorten the prompt or lower max_tokens.", "max_tokens")
+    seed = None if body.seed is None else body.seed + choice_index  # n choices differ, each reproducible
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=body.top_k, seed=seed, stop=tuple(body.stop_strings()),
+                              stop_token_ids=tuple(body.stop_token_ids or ()), logprobs=logprobs)
+    except ValueError as error:
+        field = _FIELD_IN_MESSAGE.search(str(error))
+        raise bad_request(str(error), field.group(1) if field else None) from error
+
+
+def check_counts(n: int, prompts: int, limit: int) -> None:
+    if n < 1:
+        raise bad_request(f"n={n}; pass n >= 1", "n")
+    if n * prompts > limit:
+        raise bad_request(f"n x prompts = {n * prompts} completions in one request; the limit is {limit}", "n")
+
+
+def completion_logprobs(tokenizer, logprobs: Sequence[TokenLogprob], start_offset: int) -> CompletionLogprobs:
+    result = CompletionLogprobs()
+    offset = start_offset
+    for item in logprobs:
+        token = tokenizer.decode([item.token_id])
+        result.tokens.append(token)
+        result.token_logprobs.append(item.logprob)
+        result.top_logprobs.append({tokenizer.decode([t]): lp for t, lp in item.top})
+        result.text_offset.append(offset)
+        offset += len(token)
+    return result
+
+
+def completion_choice(tokenizer, index: int, output: RequestOutput, echo_text: str, want_logprobs: bool,
+                      delta: bool) -> CompletionChoice:
+    """A choice from an output: its whole text, or (delta=True) this step's increment."""
+    text = output.delta_text if delta else output.text
+    items = output.delta_logprobs if delta else output.logprobs
+    logprobs = completion_logprobs(tokenizer, items or (), len(echo_text)) if want_logprobs else None
+    return CompletionChoice(index=index, text=echo_text + text, logprobs=logprobs,
+                            finish_reason=_finish(output) if output.finished else None)
+
+
+def chat_logprobs(tokenizer, items: Sequence[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(token=tokenizer.decode([i.token_id]), logprob=i.logprob,
+                         top_logprobs=[TopLogprob(token=tokenizer.decode([t]), logprob=lp) for t, lp in i.top])
+        for i in items
+    ])
+
+
+def usage_of(outputs: Sequence[RequestOutput], prompt_lens: Sequence[int]) -> Usage:
+    """OpenAI's usage: every prompt once, every choice's completion tokens."""
+    prompt = sum(prompt_lens)
+    completion = sum(o.usage.completion_tokens for o in outputs)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _finish(output: RequestOutput) -> Optional[str]:
+    return output.finish_reason if output.finish_reason in ("stop", "length") else "stop"
+
+
+def sse(payload) -> str:
+    """One server-sent event carrying a pydantic model or a dict."""
+    data = payload.model_dump_json(exclude_none=False) if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def error_event(error: ApiError) -> str:
+    return sse({"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.status}})

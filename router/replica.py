@@ -1,0 +1,140 @@
+"""The replica deployment: one base model, its adapter pool and the generation engine.
+
+The router sends it whole batches (`generate_batch`): every request of a batch is admitted into
+the engine at once, so requests for different adapters prefill and decode together, each row
+with its own adapter. Adapters are read lazily from the adapter root the first time a request
+names them, under their catalog version, so a reloaded adapter never reuses stale weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Optional
+
+import torch
+from ray import serve
+from transformers import AutoTokenizer
+
+from flora_core.adapter_pool import PoolExhaustedError, UnknownAdapterError
+from flora_core.adapter_root import AdapterRoot
+from flora_core.async_engine import AsyncEngine
+from flora_core.engine import Engine
+from flora_core.multi_adapter_model import MultiAdapterModel
+from router.errors import error_for_exception
+from router.messages import AdapterRef, ReplicaError, ReplicaEvent, ReplicaRequest
+from router.metrics import ReplicaMetrics
+from router.settings import ReplicaSettings
+
+logger = logging.getLogger("ray.serve")
+
+
+class FloraReplica:
+    """Holds the model and engine; see the module docstring. Deployed by deploy.app.build_app."""
+
+    def __init__(self, settings: ReplicaSettings) -> None:
+        self.settings = settings
+        torch.set_num_threads(settings.torch_threads)
+        logger.info("flora replica: loading %s (%s on %s)", settings.model_path, settings.dtype, settings.device)
+        self.model = MultiAdapterModel.from_pretrained(
+            settings.model_path, dtype=settings.torch_dtype(), device=settings.device,
+            capacity=settings.capacity(), limits=settings.pool_limits(),
+        )
+        tokenizer = AutoTokenizer.from_pretrained(settings.model_path, local_files_only=True)
+        self.engine = AsyncEngine(Engine(self.model, settings.engine_config(), tokenizer))
+        self.engine.start()
+        self.root = AdapterRoot(settings.adapter_dir) if settings.adapter_dir else None
+        self._versions: dict[str, int] = {}  # adapter name -> the version registered in the pool
+        self._metrics = ReplicaMetrics()
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id if context else "local"
+        logger.info("flora replica %s: ready", self.replica_id)
+
+    # ------------------------------------------------------------ serving
+
+    async def generate_batch(self, requests: list[ReplicaRequest]) -> AsyncIterator[object]:
+        """Stream a batch: first this replica's id, then one list per step, entry i = request i's events."""
+        yield self.replica_id
+        events: asyncio.Queue[tuple[int, ReplicaEvent]] = asyncio.Queue()
+        pumps = [asyncio.create_task(self._pump(i, request, events)) for i, request in enumerate(requests)]
+        remaining = len(requests)
+        try:
+            while remaining:
+                step: list[list[ReplicaEvent]] = [[] for _ in requests]
+                index, event = await events.get()
+                step[index].append(event)
+                while not events.empty():
+                    index, more = events.get_nowait()
+                    step[index].append(more)
+                remaining -= sum(1 for per_request in step for e in per_request if e.finished)
+                yield step
+        finally:
+            for pump in pumps:  # a cancelled stream aborts whatever is still running
+                pump.cancel()
+            self._metrics.record_pool(self.model.pool.stats())
+
+    async def _pump(self, index: int, request: ReplicaRequest, events: asyncio.Queue) -> None:
+        try:
+            adapter = self._register(request.adapter)
+            stream = self.engine.generate(list(request.prompt_token_ids), request.params, adapter, request.request_id)
+            async for output in stream:
+                events.put_nowait((index, ReplicaEvent(output=output)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # reported to this request's client; the replica keeps serving
+            if not isinstance(error, (ValueError, UnknownAdapterError, PoolExhaustedError)):
+                logger.exception("flora replica: request %s failed", request.request_id)
+            api_error = error_for_exception(error)
+            events.put_nowait((index, ReplicaEvent(error=ReplicaError(
+                status=api_error.status, message=api_error.message, type=api_error.type, param=api_error.param))))
+
+    def _register(self, ref: Optional[AdapterRef]) -> Optional[str]:
+        """The pool name of ref's version, registering it (lazily read) on first use."""
+        if ref is None:
+            return None
+        pool = self.model.pool
+        if not pool.is_registered(ref.key):
+            if self.root is None:
+                raise UnknownAdapterError(ref.name)
+            pool.register(ref.key, self.root.resolve(ref.name))
+            stale = self._versions.get(ref.name)
+            self._versions[ref.name] = ref.version
+            if stale is not None and stale != ref.version:
+                self._forget(AdapterRef(ref.name, stale))
+        return ref.key
+
+    def _forget(self, ref: AdapterRef) -> None:
+        try:
+            self.model.pool.unregister(ref.key)
+        except ValueError:  # still pinned by running requests: it ages out of the LRU later
+            logger.info("flora replica: %s is in use; leaving it until its requests end", ref.key)
+        except UnknownAdapterError:
+            pass
+
+    async def abort(self, request_id: str, target_replica: Optional[str] = None) -> bool:
+        """End a request at the next step (a client went away). target_replica steers the router only."""
+        return self.engine.abort(request_id)
+
+    # ------------------------------------------------------------ Ray Serve hooks
+
+    def record_routing_stats(self) -> dict:
+        """Read by router.adapter_router: which adapters are resident here, and how busy it is."""
+        stats = self.engine.stats()
+        resident = sorted({key.rsplit("@", 1)[0] for key in self.model.pool.resident()})
+        self._metrics.record_engine(stats)
+        return {"resident_adapters": resident, "load": stats.running + stats.waiting}
+
+    async def check_health(self) -> None:
+        if not getattr(self.engine, "is_running", lambda: True)():  # TODO(lead): AsyncEngine.is_running
+            raise RuntimeError("the engine loop has stopped; Serve will restart this replica")
+
+    async def stats(self) -> dict:
+        engine, pool = self.engine.stats(), self.model.pool.stats()
+        return {"replica_id": self.replica_id, "engine": vars(engine),
+                "pool": {k: v for k, v in vars(pool).items() if k != "resident"},
+                "resident_adapters": sorted(self.model.pool.resident())}
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
