@@ -131,9 +131,11 @@ def build_app(args: dict) -> Application:
         health_check_period_s=5, health_check_timeout_s=30, **scaling)
     catalog = serve.deployment(AdapterCatalog, name="AdapterCatalog").options(
         num_replicas=1, ray_actor_options={"num_cpus": 0})
+    # The ingress refuses work itself past max_queued_requests (503, OpenAI body, Retry-After);
+    # Serve's own limits sit above that so its plain 503 is only a last resort.
+    serve_limit = 4 * app_args.max_queued_requests + 64
     ingress = serve.deployment(FloraIngress, name="FloraIngress").options(
-        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=app_args.max_queued_requests,
-        max_queued_requests=4 * app_args.max_queued_requests)
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=serve_limit, max_queued_requests=4 * serve_limit)
     return ingress.bind(
         ingress_settings,
         replica.bind(replica_settings),

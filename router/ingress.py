@@ -6,7 +6,6 @@ max_concurrent_batches from the config) and each group goes to one replica in ON
 by router.adapter_router; the replica runs them in one engine, each row with its own adapter.
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging

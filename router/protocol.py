@@ -47,6 +47,7 @@ class SamplingFields(BaseModel):
     stop: Optional[Union[str, list[str]]] = Field(None, description="Strings that end generation (not returned).")
     stop_token_ids: Optional[list[int]] = Field(None, description="Token ids that end generation.")
     seed: Optional[int] = Field(None, description="Makes sampling reproducible for this request.")
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (vLLM's extension).")
     user: Optional[str] = None
     presence_penalty: float = Field(0.0, description="Not supported: only 0.")
     frequency_penalty: float = Field(0.0, description="Not supported: only 0.")
