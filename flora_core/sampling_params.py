@@ -1,0 +1,101 @@
+"""What one completion request asks of the engine: OpenAI's completions parameters, validated once.
+
+    params = SamplingParams(max_tokens=32, temperature=0.7, top_p=0.9, seed=42, stop=["\\n\\n"])
+
+The prompt travels beside the parameters (`Engine.add_request(prompt, params, adapter=...)`), as
+in vLLM: it is checked against the model's vocabulary and the engine's limits there. `n > 1`
+is one level up (n requests, seeds seed, seed + 1, ...); `echo` is not offered.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+MAX_LOGPROBS = 20  # most alternatives per generated token, as OpenAI's chat API allows
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    max_tokens: tokens to generate at most (finish_reason "length" when reached).
+    temperature: 0 picks the most likely token (greedy); above 0 samples from softmax(logits / t).
+    top_p: sample only from the smallest set of tokens whose probability adds up to top_p, in (0, 1].
+    top_k: sample only from the k most likely tokens; 0 or -1 turns it off (stored as 0).
+    seed: seeds this request's own generator, so its samples do not depend on its batch.
+    stop: strings that end generation; the matched string is not part of the text.
+    stop_token_ids: token ids that end generation (the token is kept in token_ids, not in text).
+    ignore_eos: keep generating past the model's end-of-sequence token.
+    logprobs: also return, per generated token, its log probability and the top `logprobs`
+        alternatives (0: the chosen token's only); None: no log probabilities.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, low=1, fix="pass max_tokens >= 1")
+        _check_float("temperature", self.temperature, "pass a temperature >= 0 (0 means greedy)")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature={self.temperature!r}; pass a temperature >= 0 (0 is greedy)")
+        _check_float("top_p", self.top_p, "pass top_p in (0, 1]; 1 turns it off")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p={self.top_p!r}; pass top_p in (0, 1]; 1 turns it off")
+        _check_int("top_k", self.top_k, low=-1, fix="pass top_k >= 1, or 0 / -1 to turn it off")
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, low=0, fix="pass an int seed in [0, 2**63), or None")
+            if self.seed >= 2**63:
+                raise ValueError(f"SamplingParams.seed={self.seed!r}; pass an int seed in [0, 2**63), or None")
+        object.__setattr__(self, "stop", _stop_strings(self.stop))
+        object.__setattr__(self, "stop_token_ids", _stop_token_ids(self.stop_token_ids))
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"SamplingParams.ignore_eos={self.ignore_eos!r}; pass True or False")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, low=0, fix=f"pass logprobs in [0, {MAX_LOGPROBS}], or None")
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(
+                    f"SamplingParams.logprobs={self.logprobs}; pass logprobs in [0, {MAX_LOGPROBS}], or None"
+                )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _check_int(name: str, value: object, *, low: int, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"SamplingParams.{name}={value!r}; {fix}")
+
+
+def _check_float(name: str, value: object, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"SamplingParams.{name}={value!r}; {fix}")
+
+
+def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    strings = (stop,) if isinstance(stop, str) else tuple(stop)
+    for string in strings:
+        if not isinstance(string, str) or not string:
+            raise ValueError(f"SamplingParams.stop has {string!r}; pass non-empty strings, e.g. stop=['\\n']")
+    return strings
+
+
+def _stop_token_ids(ids: Sequence[int] | None) -> tuple[int, ...]:
+    ids = () if ids is None else tuple(ids)
+    for token_id in ids:
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+            raise ValueError(f"SamplingParams.stop_token_ids has {token_id!r}; pass non-negative token ids")
+    return ids
