@@ -65,6 +65,8 @@ class AppArgs(BaseModel):
     max_queued_requests: int = Field(512, description="Requests in flight per ingress before 503.")
     enable_adapter_management: bool = Field(False, description="Enable POST /v1/adapters/load and /unload.")
     management_token: Optional[str] = Field(None, description="Bearer token the management API requires.")
+    adapter_aware_routing: bool = Field(True, description="Route batches to replicas holding their adapters "
+                                        "(router.adapter_router); False: Ray Serve's power-of-two-choices.")
     routing_imbalance_threshold: int = Field(8, description="Adapter affinity yields once a replica is this many "
                                              "requests busier than the least busy one.")
 
@@ -115,6 +117,15 @@ def resolve(args: AppArgs) -> tuple[ReplicaSettings, IngressSettings]:
     return replica, ingress
 
 
+def router_config(args: AppArgs) -> RequestRouterConfig:
+    if not args.adapter_aware_routing:
+        return RequestRouterConfig(request_routing_stats_period_s=1, request_routing_stats_timeout_s=5)
+    return RequestRouterConfig(
+        request_router_class="router.adapter_router:AdapterAffinityRouter",
+        request_router_kwargs={"imbalance_threshold": args.routing_imbalance_threshold},
+        request_routing_stats_period_s=1, request_routing_stats_timeout_s=5)
+
+
 def build_app(args: dict) -> Application:
     """Build the flora-serve application from `args` (validated as AppArgs)."""
     app_args = AppArgs.model_validate(args or {})
@@ -124,10 +135,7 @@ def build_app(args: dict) -> Application:
     replica = serve.deployment(FloraReplica, name="FloraReplica").options(
         ray_actor_options={"num_cpus": app_args.replica_num_cpus, "num_gpus": app_args.replica_num_gpus},
         max_ongoing_requests=max(8, app_args.max_running),
-        request_router_config=RequestRouterConfig(
-            request_router_class="router.adapter_router:AdapterAffinityRouter",
-            request_router_kwargs={"imbalance_threshold": app_args.routing_imbalance_threshold},
-            request_routing_stats_period_s=1, request_routing_stats_timeout_s=5),
+        request_router_config=router_config(app_args),
         health_check_period_s=5, health_check_timeout_s=30, **scaling)
     catalog = serve.deployment(AdapterCatalog, name="AdapterCatalog").options(
         num_replicas=1, ray_actor_options={"num_cpus": 0})

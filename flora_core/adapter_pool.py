@@ -149,6 +149,11 @@ class AdapterPool:
                 self._host_weights(name, entry, {})
             return AdapterInfo(name, entry.kind, entry.rank, self._slot_of(name, entry), self._pins[name])
 
+    def in_host_memory(self, name: str) -> bool:
+        """True when acquiring `name` reads no disk: resident, host-cached, or registered as weights."""
+        with self._lock:
+            return not self._needs_read(name, self._entry(name))
+
     def prefetch_to_host(self, name: str) -> bool:
         """Read `name` from disk into the host cache, outside the lock. True if it read the disk."""
         with self._lock:

@@ -257,7 +257,7 @@ class Engine:
         """Pin the request's adapter in a device slot; False while its read runs or its kind is full."""
         name = state.adapter
         if name is not None:
-            if name not in resident and not self._loader.ready(name):
+            if name not in resident and not self._model.pool.in_host_memory(name) and not self._loader.ready(name):
                 return False
             try:
                 state.slot = self._model.pool.acquire([name])[0]

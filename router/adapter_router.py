@@ -20,7 +20,6 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, Reque
 
 from router.messages import ReplicaRequest
 
-RECENT_ADAPTERS_KEPT = 256  # per replica, adapters remembered between stats refreshes
 
 
 def batch_adapters(pending_request: Optional[PendingRequest]) -> set[str]:
@@ -33,13 +32,32 @@ def batch_adapters(pending_request: Optional[PendingRequest]) -> set[str]:
     return {r.adapter.name for r in first if isinstance(r, ReplicaRequest) and r.adapter is not None}
 
 
+def rank_replicas(replicas: list, adapters: set[str], held: dict, load: dict, imbalance_threshold: int) -> list[list]:
+    """Replicas grouped best first: balanced ones by how many of `adapters` they hold, then the rest.
+
+    held / load: per replica, the adapters it holds and its outstanding requests. A replica more
+    than imbalance_threshold requests busier than the least busy one goes to the last group.
+    """
+    if not replicas:
+        return []
+    floor = min(load[r] for r in replicas)
+    balanced = [r for r in replicas if load[r] <= floor + imbalance_threshold]
+    overloaded = sorted((r for r in replicas if r not in balanced), key=lambda r: load[r])
+    groups: dict[int, list] = defaultdict(list)
+    for replica in balanced:
+        groups[len(adapters & held[replica])].append(replica)
+    ranked = [sorted(groups[score], key=lambda r: load[r]) for score in sorted(groups, reverse=True)]
+    return ranked + ([overloaded] if overloaded else [])
+
+
 class AdapterAffinityRouter(FIFOMixin, RequestRouter):
     """See the module docstring."""
 
     def initialize_state(self, imbalance_threshold: int = 8, **kwargs) -> None:
         self.imbalance_threshold = imbalance_threshold
         self._in_flight: dict[ReplicaID, int] = defaultdict(int)
-        self._recent: dict[ReplicaID, dict[str, None]] = defaultdict(dict)  # ordered set, newest last
+        self._recent: dict[ReplicaID, set[str]] = defaultdict(set)  # routed here since its last stats report
+        self._stats_seen: dict[ReplicaID, int] = {}  # id() of the stats dict the recent set was built on
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: Optional[PendingRequest] = None
@@ -51,22 +69,16 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
         return self.rank(candidate_replicas, batch_adapters(pending_request))
 
     def rank(self, replicas: list[RunningReplica], adapters: set[str]) -> list[list[RunningReplica]]:
-        """Replicas grouped best first: balanced ones by adapters held, then the overloaded ones."""
-        if not replicas:
-            return []
-        load = {r.replica_id: self._load(r) for r in replicas}
-        floor = min(load.values())
-        balanced = [r for r in replicas if load[r.replica_id] <= floor + self.imbalance_threshold]
-        overloaded = sorted((r for r in replicas if r not in balanced), key=lambda r: load[r.replica_id])
-        groups: dict[int, list[RunningReplica]] = defaultdict(list)
-        for replica in balanced:
-            groups[len(adapters & self._held(replica))].append(replica)
-        ranked = [sorted(groups[score], key=lambda r: load[r.replica_id]) for score in sorted(groups, reverse=True)]
-        return ranked + ([overloaded] if overloaded else [])
+        held = {r: self._held(r) for r in replicas}
+        load = {r: self._load(r) for r in replicas}
+        return rank_replicas(replicas, adapters, held, load, self.imbalance_threshold)
 
     def _held(self, replica: RunningReplica) -> set[str]:
         stats = replica.routing_stats or {}
-        return set(stats.get("resident_adapters", ())) | set(self._recent[replica.replica_id])
+        if self._stats_seen.get(replica.replica_id) != id(stats):  # a fresh report supersedes our guesses
+            self._stats_seen[replica.replica_id] = id(stats)
+            self._recent[replica.replica_id].clear()
+        return set(stats.get("resident_adapters", ())) | self._recent[replica.replica_id]
 
     def _load(self, replica: RunningReplica) -> int:
         stats = replica.routing_stats or {}
@@ -74,12 +86,7 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         self._in_flight[replica_id] += 1
-        recent = self._recent[replica_id]
-        for name in batch_adapters(pending_request):
-            recent.pop(name, None)
-            recent[name] = None
-        while len(recent) > RECENT_ADAPTERS_KEPT:
-            recent.pop(next(iter(recent)))
+        self._recent[replica_id] |= batch_adapters(pending_request)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         if self._in_flight[replica_id] > 0:
@@ -89,3 +96,4 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
         super().on_replica_actor_died(replica_id)
         self._in_flight.pop(replica_id, None)
         self._recent.pop(replica_id, None)
+        self._stats_seen.pop(replica_id, None)

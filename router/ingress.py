@@ -77,6 +77,7 @@ class FloraIngress:
         self._catalog_at = 0.0
         self._in_flight = 0
         self._replica_of: dict[str, str] = {}  # request id -> the replica running it
+        self._seen_replicas: set[str] = set()
         self.metrics = IngressMetrics()
 
     # ------------------------------------------------------------------ HTTP routes
@@ -189,6 +190,11 @@ class FloraIngress:
                 yield GenerateChunk(delta_text=output.delta_text, delta_token_ids=list(output.delta_token_ids),
                                     finish_reason=fmt._finish(output) if output.finished else None)
 
+    async def replica_stats(self) -> list[dict]:
+        """Engine and pool counters of every replica this ingress has dispatched to (for operators)."""
+        replicas = sorted(set(self._seen_replicas))
+        return list(await asyncio.gather(*(self.replica.stats.remote(target_replica=r) for r in replicas)))
+
     async def _handle_job(self, request: GenerateRequest) -> tuple[ReplicaRequest, str]:
         name = request.adapter or self.settings.served_model_name
         body = CompletionRequest(model=name, prompt=request.prompt, max_tokens=request.max_tokens,
@@ -219,6 +225,7 @@ class FloraIngress:
         done = [False] * len(requests)
         async for item in stream:
             if isinstance(item, str):  # the replica's id comes first
+                self._seen_replicas.add(item)
                 for request in requests:
                     self._replica_of[request.request_id] = item
                 continue

@@ -125,10 +125,11 @@ class FloraReplica:
         return {"resident_adapters": resident, "load": stats.running + stats.waiting}
 
     async def check_health(self) -> None:
-        if not getattr(self.engine, "is_running", lambda: True)():  # TODO(lead): AsyncEngine.is_running
+        if not self.engine.is_running():
             raise RuntimeError("the engine loop has stopped; Serve will restart this replica")
 
-    async def stats(self) -> dict:
+    async def stats(self, target_replica: Optional[str] = None) -> dict:
+        """Engine and pool counters of this replica (target_replica steers the router only)."""
         engine, pool = self.engine.stats(), self.model.pool.stats()
         return {"replica_id": self.replica_id, "engine": vars(engine),
                 "pool": {k: v for k, v in vars(pool).items() if k != "resident"},
