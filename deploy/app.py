@@ -12,6 +12,7 @@ replicas get: float32 on CPU, bfloat16 on GPU (replica_num_gpus > 0).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -65,6 +66,9 @@ class AppArgs(BaseModel):
     max_queued_requests: int = Field(512, description="Requests in flight per ingress before 503.")
     enable_adapter_management: bool = Field(False, description="Enable POST /v1/adapters/load and /unload.")
     management_token: Optional[str] = Field(None, description="Bearer token the management API requires.")
+    management_token_env: Optional[str] = Field(None, description="Name of an environment variable holding the "
+                                                "management token (e.g. from a Kubernetes Secret), read where the app "
+                                                "is built; use it instead of management_token.")
     adapter_aware_routing: bool = Field(True, description="Route batches to replicas holding their adapters "
                                         "(router.adapter_router); False: Ray Serve's power-of-two-choices.")
     routing_imbalance_threshold: int = Field(8, description="Adapter affinity yields once a replica is this many "
@@ -86,6 +90,20 @@ def model_positions(model_dir: Path) -> int:
 
     config = AutoConfig.from_pretrained(model_dir).get_text_config()
     return int(getattr(config, "max_position_embeddings", MAX_POSITIONS_DEFAULT_CAP))
+
+
+def management_token(args: AppArgs) -> Optional[str]:
+    """The management API's bearer token: given in the args, or read from the variable they name."""
+    if args.management_token_env is None:
+        return args.management_token
+    if args.management_token is not None:
+        raise ValueError("set management_token or management_token_env, not both")
+    token = os.environ.get(args.management_token_env, "")
+    if not token:
+        raise ValueError(f"management_token_env={args.management_token_env!r}: that environment variable is unset or "
+                         "empty where the application is built; set it on every Ray pod (from a Secret) or pass "
+                         "management_token")
+    return token
 
 
 def resolve(args: AppArgs) -> tuple[ReplicaSettings, IngressSettings]:
@@ -112,7 +130,7 @@ def resolve(args: AppArgs) -> tuple[ReplicaSettings, IngressSettings]:
         default_max_tokens=args.default_max_tokens, max_batch_size=args.max_batch_size,
         batch_wait_timeout_s=args.batch_wait_timeout_s, max_concurrent_batches=args.max_concurrent_batches,
         max_queued_requests=args.max_queued_requests, enable_adapter_management=args.enable_adapter_management,
-        management_token=args.management_token, max_adapter_bytes=args.max_adapter_bytes,
+        management_token=management_token(args), max_adapter_bytes=args.max_adapter_bytes,
         max_rank=max(args.lora_max_rank, args.flora_max_rank))
     return replica, ingress
 
