@@ -56,9 +56,17 @@ class AppArgs(BaseModel):
     max_adapter_bytes: Optional[int] = Field(1 << 30, description="Largest adapter file accepted, bytes.")
     max_model_len: Optional[int] = Field(None, description="Prompt + completion tokens at most (default: the "
                                          f"model's positions, at most {MAX_POSITIONS_DEFAULT_CAP}).")
+    max_prompt_chars: Optional[int] = Field(None, description="Longest text prompt accepted (characters; for chat, "
+                                            "all messages together), refused with 400 before tokenizing. Default: "
+                                            "max_model_len x the tokenizer's longest token, which no prompt that "
+                                            "fits the context exceeds.")
     max_running: int = Field(64, description="Sequences decoding at once per replica.")
     max_batched_tokens: Optional[int] = Field(None, description="Prefill tokens per engine step (default: 4 x "
                                               "max_model_len).")
+    max_adapters_per_step: Optional[int] = Field(None, ge=1, description="Distinct adapters (the base model counts "
+                                                 "as one) a replica's running batch may hold at once; None: "
+                                                 "unlimited. 1 serves one adapter at a time, like multiplexing "
+                                                 "adapters per batch: a baseline for benchmarks.")
     default_max_tokens: int = Field(16, description="max_tokens when a request leaves it out (OpenAI: 16).")
     max_batch_size: int = Field(32, description="@serve.batch: requests per dispatched batch at most.")
     batch_wait_timeout_s: float = Field(0.005, description="@serve.batch: how long a batch waits to fill.")
@@ -124,6 +132,7 @@ def resolve(args: AppArgs) -> tuple[ReplicaSettings, IngressSettings]:
         flora_max_rank=args.flora_max_rank, ia3_slots=args.ia3_slots, max_host_bytes=args.max_host_bytes,
         max_adapter_bytes=args.max_adapter_bytes, max_model_len=max_model_len, max_running=args.max_running,
         max_batched_tokens=args.max_batched_tokens or 4 * max_model_len,
+        max_adapters_per_step=args.max_adapters_per_step,
         torch_threads=max(1, math.floor(args.replica_num_cpus)))
     ingress = IngressSettings(
         model_path=str(model_dir), served_model_name=name, adapter_dir=adapter_dir, max_model_len=max_model_len,
@@ -131,7 +140,7 @@ def resolve(args: AppArgs) -> tuple[ReplicaSettings, IngressSettings]:
         batch_wait_timeout_s=args.batch_wait_timeout_s, max_concurrent_batches=args.max_concurrent_batches,
         max_queued_requests=args.max_queued_requests, enable_adapter_management=args.enable_adapter_management,
         management_token=management_token(args), max_adapter_bytes=args.max_adapter_bytes,
-        max_rank=max(args.lora_max_rank, args.flora_max_rank))
+        max_prompt_chars=args.max_prompt_chars)
     return replica, ingress
 
 
@@ -165,5 +174,6 @@ def build_app(args: dict) -> Application:
     return ingress.bind(
         ingress_settings,
         replica.bind(replica_settings),
-        catalog.bind(ingress_settings.adapter_dir, app_args.max_adapter_bytes, ingress_settings.max_rank),
+        catalog.bind(ingress_settings.adapter_dir, replica_settings.model_path, replica_settings.capacity(),
+                     app_args.max_adapter_bytes),
     )

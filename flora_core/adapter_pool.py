@@ -292,25 +292,7 @@ class AdapterPool:
 
     def _validate(self, name: str, weights: AdapterWeights) -> None:
         """Raise ValueError if `weights` cannot live in this pool. Touches no pool state."""
-        kind = weights.kind
-        if self._capacity.num_slots(kind) < 1:
-            raise ValueError(
-                f"adapter {name!r} is {kind.value} but the pool has no {kind.value} slots; raise {kind.value}_slots"
-            )
-        if kind is not AdapterKind.IA3 and weights.rank > self._capacity.max_rank(kind):
-            raise ValueError(
-                f"adapter {name!r} has rank {weights.rank} but the pool's {kind.value} slots hold rank "
-                f"{self._capacity.max_rank(kind)}; raise {kind.value}_max_rank"
-            )
-        limit = self._limits.max_adapter_bytes
-        if limit is not None and weights.num_bytes > limit:
-            raise ValueError(
-                f"adapter {name!r} is {weights.num_bytes} bytes, over PoolLimits.max_adapter_bytes={limit}; raise it"
-            )
-        try:
-            check_adapter_fits(weights, self._shapes)
-        except ValueError as err:
-            raise ValueError(f"adapter {name!r} does not fit the model: {err}") from err
+        check_servable(name, weights, self._capacity, self._shapes, self._limits.max_adapter_bytes)
 
     def _admit(self, name: str, entry: _Entry, weights: AdapterWeights) -> None:
         """Count a disk read of `entry` and cache it, unless the name was re-registered meanwhile."""
@@ -427,6 +409,39 @@ class AdapterPool:
             self._pins[name] -= 1
             if not self._pins[name]:
                 del self._pins[name]
+
+
+def check_servable(
+    name: str,
+    weights: AdapterWeights,
+    capacity: SlotCapacity,
+    layer_shapes: Mapping[str, tuple[int, int]],
+    max_adapter_bytes: int | None = None,
+) -> None:
+    """Raise ValueError unless a pool of `capacity` over layers of `layer_shapes` can hold `weights`.
+
+    layer_shapes: module name -> (d_in, d_out) of every layer the pool's model adapts
+    (`patching.target_layer_shapes`); max_adapter_bytes: None for no bound.
+    """
+    kind = weights.kind
+    if capacity.num_slots(kind) < 1:
+        raise ValueError(
+            f"adapter {name!r} is {kind.value} but the pool has no {kind.value} slots; raise {kind.value}_slots"
+        )
+    if kind is not AdapterKind.IA3 and weights.rank > capacity.max_rank(kind):
+        raise ValueError(
+            f"adapter {name!r} has rank {weights.rank} but the pool's {kind.value} slots hold rank "
+            f"{capacity.max_rank(kind)}; raise {kind.value}_max_rank"
+        )
+    if max_adapter_bytes is not None and weights.num_bytes > max_adapter_bytes:
+        raise ValueError(
+            f"adapter {name!r} is {weights.num_bytes} bytes, over PoolLimits.max_adapter_bytes={max_adapter_bytes}; "
+            "raise it"
+        )
+    try:
+        check_adapter_fits(weights, layer_shapes)
+    except ValueError as err:
+        raise ValueError(f"adapter {name!r} does not fit the model: {err}") from err
 
 
 def _check_name(name: object) -> None:

@@ -58,6 +58,12 @@ class AdapterRoot:
                 )
         return real
 
+    def relative(self, message: str) -> str:
+        """`message` with paths under this root shown relative to it: errors sent to clients name no server paths."""
+        for prefix in sorted({str(self._real_root), str(self.root.absolute()), str(self.root)}, key=len, reverse=True):
+            message = message.replace(prefix + os.sep, "").replace(prefix, "<adapter root>")
+        return message
+
     def list_names(self) -> list[str]:
         """Sorted names of the valid adapter folders (those holding adapter_config.json) under the root."""
         names = []

@@ -66,15 +66,21 @@ class EngineConfig:
     max_running: requests decoding at once (rows of the running batch).
     max_batched_tokens: prefill budget per step, counted as rows x longest prompt (padding
         included); at least max_model_len, so that every valid prompt fits in one step.
+    max_adapters_per_step: distinct adapters (the base model counting as one) the running
+        batch may hold at once; None: unlimited. 1 runs one adapter at a time, as a server
+        that multiplexes adapters per batch would (Ray Serve's model multiplexing): a baseline.
     """
 
     max_model_len: int = 2048
     max_running: int = 64
     max_batched_tokens: int = 8192
+    max_adapters_per_step: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_model_len", "max_running", "max_batched_tokens"):
+        for name in ("max_model_len", "max_running", "max_batched_tokens", "max_adapters_per_step"):
             value = getattr(self, name)
+            if value is None and name == "max_adapters_per_step":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name}={value!r}; pass an int >= 1")
         if self.max_batched_tokens < self.max_model_len:
@@ -232,18 +238,26 @@ class Engine:
         self._batch, self._rows, self._next_input = self._keep_unfinished(self._batch, self._rows, self._next_input)
 
     def _admit(self, outputs: list[RequestOutput]) -> list[RequestState]:
-        """Waiting requests that fit this step, in arrival order, each with its adapter pinned."""
+        """Waiting requests that fit this step, in arrival order, each with its adapter pinned.
+
+        With max_adapters_per_step set, a request whose adapter is not among the running (and
+        just admitted) rows' adapters waits once that many distinct adapters are running.
+        """
         admitted: list[RequestState] = []
         waiting: list[RequestState] = []
         width = 0  # longest admitted prompt: the prefill batch is admitted x width tokens
         resident = self._model.pool.resident()
+        adapters = {state.adapter for state in self._rows}  # None (the base model) counts as one
+        max_adapters = self._config.max_adapters_per_step
         for state in self._waiting:
             new_width = max(width, len(state.prompt_ids))
             fits = (len(self._rows) + len(admitted) < self._config.max_running
-                    and (len(admitted) + 1) * new_width <= self._config.max_batched_tokens)
+                    and (len(admitted) + 1) * new_width <= self._config.max_batched_tokens
+                    and (max_adapters is None or state.adapter in adapters or len(adapters) < max_adapters))
             try:
                 if fits and self._pin(state, resident):
                     admitted.append(state)
+                    adapters.add(state.adapter)
                     width = new_width
                     continue
             except Exception as error:  # an adapter that failed to read or load fails its request only

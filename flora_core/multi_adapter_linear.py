@@ -177,7 +177,7 @@ class MultiAdapterLinear(nn.Module):
         y = self._base_or_flora(tokens, batch)
         lora_rank = _batch_rank(self.lora_rank, batch.lora)
         if lora_rank:
-            strategy = LORA_STRATEGIES[pick_lora_strategy(batch.lora)]
+            strategy = LORA_STRATEGIES[pick_lora_strategy(batch.lora, lora_rank, self.d_in + self.d_out)]
             delta = strategy(tokens, self.lora_a, self.lora_b, batch.lora, lora_rank)
             y = y + delta if batch.lora.covers_all_tokens else y.index_add(0, batch.lora.token_index, delta)
         if _any_active(self.ia3_out_active, batch.ia3):

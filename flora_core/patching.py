@@ -17,7 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from flora_core.adapter_batch import AdapterBatch
-from flora_core.multi_adapter_linear import MultiAdapterLinear, SlotCapacity
+from flora_core.multi_adapter_linear import MultiAdapterLinear, SlotCapacity, linear_shape
 
 ALL_LINEAR = "all-linear"
 TargetModules = str | Sequence[str]
@@ -66,6 +66,11 @@ def find_target_layers(model: nn.Module, target_modules: TargetModules) -> list[
             f"use module names such as {_example_names(model)} or {ALL_LINEAR!r}"
         )
     return names
+
+
+def target_layer_shapes(model: nn.Module, target_modules: TargetModules) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each layer `patch_model` would wrap; reads only shapes, so a meta-device model does."""
+    return {name: linear_shape(model.get_submodule(name)) for name in find_target_layers(model, target_modules)}
 
 
 def _example_names(model: nn.Module) -> list[str]:

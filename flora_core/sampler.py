@@ -30,7 +30,8 @@ class SamplingBatch:
         params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None], device: torch.device
     ) -> "SamplingBatch":
         return SamplingBatch(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32,
+                                     device=device),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             generators=tuple(generators),

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 MAX_LOGPROBS = 20  # most alternatives per generated token, as OpenAI's chat API allows
+# Below this temperature sampling is greedy: logits / t would overflow float32 to inf and the
+# softmax to NaN (vLLM uses the same threshold).
+MIN_SAMPLING_TEMPERATURE = 1e-5
+MAX_INT64 = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class SamplingParams:
 
     max_tokens: tokens to generate at most (finish_reason "length" when reached).
     temperature: 0 picks the most likely token (greedy); above 0 samples from softmax(logits / t).
+        Temperatures below MIN_SAMPLING_TEMPERATURE are greedy too.
     top_p: sample only from the smallest set of tokens whose probability adds up to top_p, in (0, 1].
     top_k: sample only from the k most likely tokens; 0 or -1 turns it off (stored as 0).
     seed: seeds this request's own generator, so its samples do not depend on its batch.
@@ -51,6 +56,9 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p={self.top_p!r}; pass top_p in (0, 1]; 1 turns it off")
         _check_int("top_k", self.top_k, low=-1, fix="pass top_k >= 1, or 0 / -1 to turn it off")
+        if self.top_k > MAX_INT64:
+            raise ValueError(f"SamplingParams.top_k={self.top_k!r}; pass top_k below 2**63 (any k >= the "
+                             "vocabulary size keeps every token)")
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         if self.seed is not None:
@@ -70,7 +78,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 def _check_int(name: str, value: object, *, low: int, fix: str) -> None:

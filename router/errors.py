@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 from fastapi.responses import JSONResponse
+from ray.exceptions import RayActorError
 
 from flora_core.adapter_pool import PoolExhaustedError, UnknownAdapterError
 from router.protocol import ErrorDetail, ErrorResponse
@@ -44,6 +45,16 @@ def overloaded(message: str) -> ApiError:
     return ApiError(503, message, "server_overloaded", None, "server_overloaded")
 
 
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_for_status(status: int, message: str) -> ApiError:
+    """An ApiError for a bare HTTP status and message (the web framework's own refusals)."""
+    default = "internal_error" if status >= 500 else "invalid_request_error"
+    return ApiError(status, message, _STATUS_TYPES.get(status, default))
+
+
 def error_for_exception(error: BaseException) -> ApiError:
     """Map an exception raised while serving a request to the ApiError a client should see."""
     if isinstance(error, ApiError):
@@ -52,6 +63,8 @@ def error_for_exception(error: BaseException) -> ApiError:
         return ApiError(404, str(error), "invalid_request_error", "model", "model_not_found")
     if isinstance(error, PoolExhaustedError):
         return overloaded(f"{error} Retry shortly.")
+    if isinstance(error, RayActorError):  # the replica running the request died (Serve starts another)
+        return overloaded("the model replica running this request stopped; Serve is replacing it, retry shortly")
     if isinstance(error, ValueError):
         return bad_request(str(error))
     return ApiError(500, f"Internal error ({type(error).__name__}); the server logged it. Retry, and report it "

@@ -8,6 +8,7 @@ by router.adapter_router; the replica runs them in one engine, each row with its
 
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
@@ -19,12 +20,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 from transformers import AutoConfig, AutoTokenizer
 
 from flora_core.request_output import RequestOutput
 from router import openai_format as fmt
 from router.catalog import CatalogSnapshot
-from router.errors import ApiError, bad_request, error_for_exception, overloaded, unknown_model
+from router.errors import ApiError, bad_request, error_for_exception, error_for_status, overloaded, unknown_model
 from router.handle_api import GenerateChunk, GenerateRequest, GenerateResponse, GenerateUsage
 from router.messages import AdapterRef, ReplicaRequest
 from router.metrics import IngressMetrics
@@ -54,6 +56,12 @@ async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
     return error.response()
 
 
+@app.exception_handler(HTTPException)
+async def _http_error(_request: Request, error: HTTPException) -> JSONResponse:
+    """FastAPI's own refusals (unknown route, wrong method, a body it cannot parse) in OpenAI's format."""
+    return error_for_status(error.status_code, str(error.detail)).response()
+
+
 @app.exception_handler(Exception)
 async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
     logger.exception("flora ingress: unexpected error")
@@ -70,6 +78,8 @@ class FloraIngress:
         self.catalog = catalog
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path, local_files_only=True)
         self.vocab_size = AutoConfig.from_pretrained(settings.model_path).get_text_config().vocab_size
+        self.max_prompt_chars = settings.max_prompt_chars or fmt.prompt_chars_bound(self.tokenizer,
+                                                                                   settings.max_model_len)
         self._dispatch = serve.batch(max_batch_size=settings.max_batch_size,
                                      batch_wait_timeout_s=settings.batch_wait_timeout_s,
                                      max_concurrent_batches=settings.max_concurrent_batches)(self._dispatch_batch)
@@ -112,7 +122,7 @@ class FloraIngress:
         adapter = await self._adapter_ref(body.model)
         jobs, echoes, prompt_lens = [], [], []
         for prompt in prompts:
-            ids = fmt.tokenize_prompt(self.tokenizer, prompt, self.vocab_size)
+            ids = fmt.tokenize_prompt(self.tokenizer, prompt, self.vocab_size, self.max_prompt_chars)
             prompt_lens.append(len(ids))
             echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if body.echo else ""
             for _ in range(body.n):
@@ -134,7 +144,7 @@ class FloraIngress:
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         adapter = await self._adapter_ref(body.model)
-        ids = fmt.chat_prompt_ids(self.tokenizer, body)
+        ids = fmt.chat_prompt_ids(self.tokenizer, body, self.max_prompt_chars)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         jobs = [self._job(ids, fmt.sampling_params(body, len(ids), self.settings.max_model_len,
                                                    self.settings.default_max_tokens, logprobs, i), adapter)
@@ -203,7 +213,7 @@ class FloraIngress:
                                  stop_token_ids=request.stop_token_ids or None)
         try:
             adapter = await self._adapter_ref(name)
-            ids = fmt.tokenize_prompt(self.tokenizer, request.prompt, self.vocab_size)
+            ids = fmt.tokenize_prompt(self.tokenizer, request.prompt, self.vocab_size, self.max_prompt_chars)
             params = fmt.sampling_params(body, len(ids), self.settings.max_model_len,
                                          self.settings.default_max_tokens, request.logprobs, 0)
         except ApiError as error:
@@ -254,6 +264,13 @@ class FloraIngress:
             if not finished:
                 raise ApiError(503, "the model replica stopped before finishing this request; retry",
                                "server_overloaded")
+        except ApiError:
+            raise
+        except Exception as error:  # the dispatch failed (its replica died...): a clear error, mid-stream too
+            api_error = error_for_exception(error)
+            if api_error.status == 500:
+                logger.exception("flora ingress: request %s failed", job.request_id)
+            raise api_error from error
         finally:
             replica = self._replica_of.pop(job.request_id, None)
             if not finished and replica is not None:
@@ -423,6 +440,7 @@ class FloraIngress:
             raise ApiError(403, "adapter management is disabled; start the app with enable_adapter_management: true",
                            "permission_error")
         token = self.settings.management_token
-        if token and request.headers.get("authorization", "") != f"Bearer {token}":
+        given = request.headers.get("authorization", "").encode()
+        if token and not hmac.compare_digest(given, f"Bearer {token}".encode()):  # in constant time
             raise ApiError(401, "adapter management needs 'Authorization: Bearer <management_token>'",
                            "authentication_error")

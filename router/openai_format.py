@@ -27,11 +27,26 @@ from router.protocol import (
 _FIELD_IN_MESSAGE = re.compile(r"SamplingParams\.(\w+)")
 
 
-def tokenize_prompt(tokenizer, prompt: Union[str, Sequence[int]], vocab_size: int) -> list[int]:
-    """Token ids of a text or token-id prompt; 400 for empty prompts and ids outside the vocabulary."""
+def prompt_chars_bound(tokenizer, max_model_len: int) -> int:
+    """Characters a text prompt of at most max_model_len tokens can have: no token covers more
+    characters than its vocabulary entry has (bytes, for byte-level vocabularies)."""
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return max_model_len * max(1, longest)
+
+
+def _check_prompt_chars(chars: int, max_chars: int, param: str) -> None:
+    """Refuse text too long for the context before tokenizing it (a huge text takes seconds to tokenize)."""
+    if chars > max_chars:
+        raise bad_request(f"{param} has {chars} characters; this server accepts at most {max_chars} (more could "
+                          "not fit the model's context). Shorten it.", param)
+
+
+def tokenize_prompt(tokenizer, prompt: Union[str, Sequence[int]], vocab_size: int, max_chars: int) -> list[int]:
+    """Token ids of a text or token-id prompt; 400 for empty or too long prompts and ids outside the vocabulary."""
     if isinstance(prompt, str):
         if not prompt:
             raise bad_request("prompt is empty; send at least one character or token id", "prompt")
+        _check_prompt_chars(len(prompt), max_chars, "prompt")
         return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     ids = list(prompt)
     if not ids:
@@ -42,10 +57,11 @@ def tokenize_prompt(tokenizer, prompt: Union[str, Sequence[int]], vocab_size: in
     return ids
 
 
-def chat_prompt_ids(tokenizer, request: ChatCompletionRequest) -> list[int]:
+def chat_prompt_ids(tokenizer, request: ChatCompletionRequest, max_chars: int) -> list[int]:
     """The chat template applied to the messages, ready for generation; 400 if the model has none."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request("this model's tokenizer has no chat template; use /v1/completions instead", "messages")
+    _check_prompt_chars(sum(len(m.content) for m in request.messages), max_chars, "messages")
     messages = [{"role": m.role, "content": m.content} for m in request.messages]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
@@ -76,6 +92,8 @@ def sampling_params(body: SamplingFields, prompt_len: int, max_model_len: int, d
 
 
 def check_counts(n: int, prompts: int, limit: int) -> None:
+    if prompts < 1:
+        raise bad_request("prompt is an empty list; send at least one prompt", "prompt")
     if n < 1:
         raise bad_request(f"n={n}; pass n >= 1", "n")
     if n * prompts > limit:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from typing import AsyncIterator, Optional
 
 import torch
@@ -44,7 +45,9 @@ class FloraReplica:
         self.engine = AsyncEngine(Engine(self.model, settings.engine_config(), tokenizer))
         self.engine.start()
         self.root = AdapterRoot(settings.adapter_dir) if settings.adapter_dir else None
-        self._versions: dict[str, int] = {}  # adapter name -> the version registered in the pool
+        self._versions: dict[str, int] = {}  # adapter name -> the newest version registered in the pool
+        self._users: Counter[str] = Counter()  # pool key -> requests of this replica using it now
+        self._stale: set[str] = set()  # keys of older versions, unregistered once no request uses them
         self._metrics = ReplicaMetrics()
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context else "local"
@@ -74,6 +77,7 @@ class FloraReplica:
             self._metrics.record_pool(self.model.pool.stats())
 
     async def _pump(self, index: int, request: ReplicaRequest, events: asyncio.Queue) -> None:
+        adapter = None
         try:
             adapter = self._register(request.adapter)
             stream = self.engine.generate(list(request.prompt_token_ids), request.params, adapter, request.request_id)
@@ -85,11 +89,15 @@ class FloraReplica:
             if not isinstance(error, (ValueError, UnknownAdapterError, PoolExhaustedError)):
                 logger.exception("flora replica: request %s failed", request.request_id)
             api_error = error_for_exception(error)
+            message = self.root.relative(api_error.message) if self.root else api_error.message
             events.put_nowait((index, ReplicaEvent(error=ReplicaError(
-                status=api_error.status, message=api_error.message, type=api_error.type, param=api_error.param))))
+                status=api_error.status, message=message, type=api_error.type, param=api_error.param))))
+        finally:
+            if adapter is not None:
+                self._release(adapter)
 
     def _register(self, ref: Optional[AdapterRef]) -> Optional[str]:
-        """The pool name of ref's version, registering it (lazily read) on first use."""
+        """The pool name of ref's version, registered (lazily read) on first use; held until `_release`."""
         if ref is None:
             return None
         pool = self.model.pool
@@ -97,19 +105,32 @@ class FloraReplica:
             if self.root is None:
                 raise UnknownAdapterError(ref.name)
             pool.register(ref.key, self.root.resolve(ref.name))
-            stale = self._versions.get(ref.name)
+        newest = self._versions.get(ref.name)
+        if newest is None or ref.version > newest:
             self._versions[ref.name] = ref.version
-            if stale is not None and stale != ref.version:
-                self._forget(AdapterRef(ref.name, stale))
+            if newest is not None:
+                self._stale.add(AdapterRef(ref.name, newest).key)
+        elif ref.version < newest:  # sent by an ingress whose catalog copy is a moment old
+            self._stale.add(ref.key)
+        self._users[ref.key] += 1
+        self._drop_unused_stale()
         return ref.key
 
-    def _forget(self, ref: AdapterRef) -> None:
-        try:
-            self.model.pool.unregister(ref.key)
-        except ValueError:  # still pinned by running requests: it ages out of the LRU later
-            logger.info("flora replica: %s is in use; leaving it until its requests end", ref.key)
-        except UnknownAdapterError:
-            pass
+    def _release(self, key: str) -> None:
+        self._users[key] -= 1
+        if not self._users[key]:
+            del self._users[key]
+        self._drop_unused_stale()
+
+    def _drop_unused_stale(self) -> None:
+        """Unregister older versions that no request here uses: never one still in use, since a
+        waiting request would lose its adapter (a 404 mid-flight) and a running one its slot."""
+        for key in [key for key in self._stale if not self._users[key]]:
+            self._stale.discard(key)
+            try:
+                self.model.pool.unregister(key)
+            except UnknownAdapterError:
+                pass
 
     async def abort(self, request_id: str, target_replica: Optional[str] = None) -> bool:
         """End a request at the next step (a client went away). target_replica steers the router only."""

@@ -34,6 +34,8 @@ class ReplicaSettings(BaseModel):
     max_model_len: int
     max_running: int
     max_batched_tokens: int
+    max_adapters_per_step: Optional[int] = Field(None, description="Distinct adapters per running batch; None: "
+                                                 "unlimited (EngineConfig.max_adapters_per_step).")
     torch_threads: int = Field(1, description="CPU threads for torch in this replica.")
 
     def torch_dtype(self) -> torch.dtype:
@@ -48,7 +50,8 @@ class ReplicaSettings(BaseModel):
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(max_model_len=self.max_model_len, max_running=self.max_running,
-                            max_batched_tokens=self.max_batched_tokens)
+                            max_batched_tokens=self.max_batched_tokens,
+                            max_adapters_per_step=self.max_adapters_per_step)
 
 
 class IngressSettings(BaseModel):
@@ -68,4 +71,5 @@ class IngressSettings(BaseModel):
     enable_adapter_management: bool
     management_token: Optional[str]
     max_adapter_bytes: Optional[int]
-    max_rank: int
+    max_prompt_chars: Optional[int] = Field(None, description="Longest text prompt; None: derived from the "
+                                            "tokenizer and max_model_len.")

@@ -62,9 +62,8 @@ def engine_alone_texts(adapter_root: Path, requests: list[tuple[str | None, str,
 
     model = MultiAdapterModel.from_pretrained(default_model_dir(), capacity=SlotCapacity(
         lora_slots=8, lora_max_rank=8, flora_slots=4, flora_max_rank=4, ia3_slots=2))
-    for name in TEST_ADAPTERS:
-        if (adapter_root / name).is_dir():
-            model.add_adapter(name, adapter_root / name)
+    for name in sorted({adapter for adapter, _, _ in requests if adapter is not None}):
+        model.add_adapter(name, adapter_root / name)
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
 
     async def run_all() -> list[str]:

@@ -147,7 +147,7 @@ def test_layer_matches_per_row_reference(dtype, layer_type, kinds, rank, layout)
 @pytest.mark.parametrize("strategy", list(LORA_STRATEGIES))
 @pytest.mark.parametrize("layout", ["one_adapter_many_rows", "all_distinct", "interleaved", "with_base_rows"])
 def test_each_lora_strategy_matches_reference(monkeypatch, strategy, layout):
-    monkeypatch.setattr(mal, "pick_lora_strategy", lambda rows: strategy)
+    monkeypatch.setattr(mal, "pick_lora_strategy", lambda rows, rank, width: strategy)
     layer = make_layer("linear", torch.float32, CAPACITY)
     adapters = adapter_set("lora", 8)
     slots = load_into_slots(layer, adapters)

@@ -9,7 +9,6 @@ import asyncio
 import threading
 
 import pytest
-
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from flora_core import MultiAdapterModel, SlotCapacity, UnknownAdapterError, save_adapter

@@ -32,7 +32,7 @@ def adapter_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(adapter_root):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     serve.run(build_app(app_args(adapter_root)), name="flora", route_prefix="/")
     serve.run(build_app(app_args(adapter_root, max_queued_requests=1)), name="small", route_prefix="/small")

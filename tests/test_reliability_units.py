@@ -1,0 +1,126 @@
+"""Reliability fixes checked where they live, without a cluster: the replica's adapter versions,
+the catalog's load validation, sampling parameters that once broke a whole engine step, and the
+prompt length bound. The same failures over HTTP are in test_reliability.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from ray import serve
+from transformers import AutoTokenizer
+
+from deploy.app import AppArgs, resolve
+from flora_core.default_model import default_model_dir
+from flora_core.sampler import SamplingBatch, next_tokens
+from flora_core.sampling_params import SamplingParams
+from router.catalog import AdapterCatalog
+from router.messages import AdapterRef, ReplicaRequest
+from router.openai_format import prompt_chars_bound
+from router.replica import FloraReplica
+from tests.reliability_fixtures import BAD_ADAPTERS, write_adapter_root
+from tests.serving_fixtures import MAX_MODEL_LEN, app_args, engine_alone_texts
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tmp_path_factory):
+    return write_adapter_root(tmp_path_factory.mktemp("adapters"))
+
+
+def settings_for(adapter_root, **overrides):
+    return resolve(AppArgs.model_validate(app_args(adapter_root, **overrides)))
+
+
+async def run_batch(replica: FloraReplica, requests: list[ReplicaRequest], results: dict) -> None:
+    """Consume generate_batch, keeping each request's last event."""
+    async for step in replica.generate_batch(requests):
+        if isinstance(step, str):
+            continue
+        for request, events in zip(requests, step):
+            if events:
+                results[request.request_id] = events[-1]
+
+
+def test_reloading_an_adapter_keeps_the_requests_waiting_for_its_old_version(adapter_root, monkeypatch):
+    """One LoRA slot, busy: a request for lora-r2 version 1 waits for it. Version 2 arriving (a
+    reload) must not take version 1 away from the waiting request (it used to fail with a 404),
+    and version 1 is dropped once nothing here uses it."""
+    replica_settings, _ = settings_for(adapter_root, lora_slots=1)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    ids = tuple(tokenizer("hello=")["input_ids"])
+    busy = ReplicaRequest("busy", ids, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+                          AdapterRef("lora-r1", 1))
+    old = ReplicaRequest("old", ids, SamplingParams(max_tokens=8, temperature=0), AdapterRef("lora-r2", 1))
+    new = ReplicaRequest("new", ids, SamplingParams(max_tokens=8, temperature=0), AdapterRef("lora-r2", 2))
+
+    async def scenario(replica: FloraReplica) -> dict:
+        results: dict = {}
+        first = asyncio.create_task(run_batch(replica, [busy, old], results))
+        while "busy" not in results:  # version 1 is registered and its request waits for the slot
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.gather(first, run_batch(replica, [new], results)), 120)
+        return results
+
+    monkeypatch.setattr(serve, "get_replica_context", lambda: None)  # a replica outside Serve
+    replica = FloraReplica(replica_settings)
+    try:
+        results = asyncio.run(scenario(replica))
+        expected = engine_alone_texts(adapter_root, [("lora-r2", "hello=", 8)])[0]
+        for name in ("old", "new"):
+            assert results[name].error is None, results[name].error
+            assert results[name].output.text == expected
+        assert not replica.model.pool.is_registered("lora-r2@1")
+        assert replica.model.pool.is_registered("lora-r2@2")
+        assert replica.engine.stats().pinned_adapters == 0
+    finally:
+        replica.engine.close()
+
+
+@pytest.mark.parametrize("name", ["bad-flora-rank", "bad-shape", "bad-module", "bad-lora-rank", "bad-nan"])
+def test_the_catalog_refuses_adapters_the_replicas_cannot_serve(adapter_root, name):
+    replica_settings, _ = settings_for(adapter_root)
+    catalog = AdapterCatalog(str(adapter_root), replica_settings.model_path, replica_settings.capacity(),
+                             replica_settings.max_adapter_bytes)
+    refusal = catalog.load(name)
+    assert isinstance(refusal, str) and str(adapter_root) not in refusal
+    assert not isinstance(catalog.load("lora-r2"), str) and not isinstance(catalog.load("flora-r4"), str)
+
+
+def test_catalog_versions_never_repeat_across_unloads(adapter_root):
+    replica_settings, _ = settings_for(adapter_root)
+    catalog = AdapterCatalog(str(adapter_root), replica_settings.model_path, replica_settings.capacity(), None)
+    versions = [catalog.snapshot().entries["lora-r2"].version]
+    for _ in range(3):
+        assert catalog.unload("lora-r2")
+        versions.append(catalog.load("lora-r2").version)
+    assert versions == sorted(set(versions)) and len(versions) == 4
+
+
+def test_every_bad_adapter_is_refused_by_the_catalog(adapter_root):
+    replica_settings, _ = settings_for(adapter_root)
+    catalog = AdapterCatalog(str(adapter_root), replica_settings.model_path, replica_settings.capacity(), None)
+    assert all(isinstance(catalog.load(name), str) for name in BAD_ADAPTERS)
+
+
+def test_a_tiny_temperature_samples_greedily_instead_of_overflowing():
+    logits = torch.tensor([[10.0, 30.0, -5.0], [1.0, 2.0, 3.0]])
+    params = [SamplingParams(temperature=1e-40), SamplingParams(temperature=1e-6, seed=1)]
+    batch = SamplingBatch.from_params(params, [None, torch.Generator().manual_seed(1)], logits.device)
+    assert next_tokens(logits, batch).tolist() == [1, 2]
+    assert all(p.greedy for p in params)
+
+
+def test_top_k_must_fit_in_int64():
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=2**63)
+    assert SamplingParams(top_k=2**63 - 1).top_k == 2**63 - 1
+
+
+def test_prompt_chars_bound_is_never_below_what_fits_the_context():
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    bound = prompt_chars_bound(tokenizer, MAX_MODEL_LEN)
+    longest = max(tokenizer.get_vocab(), key=len)
+    assert bound == MAX_MODEL_LEN * len(longest)
+    assert len(tokenizer(longest * MAX_MODEL_LEN, add_special_tokens=False)["input_ids"]) <= MAX_MODEL_LEN
