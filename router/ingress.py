@@ -12,7 +12,7 @@ import hmac
 import logging
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import AsyncIterator, Iterator, Optional
 
 from fastapi import FastAPI, Request
@@ -310,6 +310,16 @@ class FloraIngress:
 
     # ------------------------------------------------------------------ streaming
 
+    async def _start_streams(self, jobs: list[ReplicaRequest]) -> tuple[ExitStack, list]:
+        """Admit the choices and start them; the caller closes the returned admission when its stream ends."""
+        admission = ExitStack()
+        admission.enter_context(self._admitted(len(jobs)))
+        try:
+            return admission, await self._first_events(jobs)
+        except BaseException:
+            admission.close()
+            raise
+
     async def _first_events(self, jobs: list[ReplicaRequest]) -> list[tuple[AsyncIterator, RequestOutput]]:
         """Start every choice and wait for its first output, so admission errors get a real status."""
         streams = [self._outputs(job) for job in jobs]
@@ -347,13 +357,7 @@ class FloraIngress:
                 await stream.aclose()
 
     async def _stream_completion(self, body: CompletionRequest, jobs, echoes, prompt_lens, want_logprobs):
-        admitted = self._admitted(len(jobs))
-        admitted.__enter__()
-        try:
-            started = await self._first_events(jobs)
-        except BaseException:
-            admitted.__exit__(None, None, None)
-            raise
+        admission, started = await self._start_streams(jobs)
         completion_id, finals = f"cmpl-{uuid.uuid4().hex}", {}
 
         async def events() -> AsyncIterator[str]:
@@ -374,7 +378,7 @@ class FloraIngress:
                 yield fmt.error_event(error)
                 yield fmt.SSE_DONE
             finally:
-                admitted.__exit__(None, None, None)
+                admission.close()
                 for output in finals.values():
                     self.metrics.record_request(body.model, 200, output.usage.completion_tokens,
                                                 output.timings.time_to_first_token)
@@ -382,13 +386,7 @@ class FloraIngress:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def _stream_chat(self, body: ChatCompletionRequest, jobs, prompt_len: int):
-        admitted = self._admitted(len(jobs))
-        admitted.__enter__()
-        try:
-            started = await self._first_events(jobs)
-        except BaseException:
-            admitted.__exit__(None, None, None)
-            raise
+        admission, started = await self._start_streams(jobs)
         chat_id, finals = f"chatcmpl-{uuid.uuid4().hex}", {}
 
         def chunk(choices, usage=None) -> str:
@@ -412,7 +410,7 @@ class FloraIngress:
                 yield fmt.error_event(error)
                 yield fmt.SSE_DONE
             finally:
-                admitted.__exit__(None, None, None)
+                admission.close()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
