@@ -47,7 +47,7 @@ def run(d_model: int, rank: int, repeats: int, device: str) -> list[dict]:
                 for name, fn in LORA_STRATEGIES.items():
                     timings[name] = time_call(lambda: fn(x, lora_a, lora_b, batch.lora, rank), repeats)
             best = min(timings, key=timings.get)
-            chosen = pick_lora_strategy(batch.lora)
+            chosen = pick_lora_strategy(batch.lora, rank, 2 * d_model)
             results.append({"rows": rows, "tokens_per_row": tokens_per_row, "distinct": distinct,
                             "ms": {k: round(v * 1e3, 4) for k, v in timings.items()},
                             "fastest": best, "rule_picks": chosen,

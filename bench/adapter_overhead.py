@@ -1,0 +1,233 @@
+"""Adapter overhead: a heterogeneous batch's forward time divided by the base model's on the same batch.
+
+    python -m bench.adapter_overhead                      # the CPU grid (~10-15 min on 2 cores)
+    python -m bench.adapter_overhead --quick              # a smoke run (~1 min)
+    python -m bench.adapter_overhead --device cuda        # the GPU grid (bf16), more prefill shapes
+
+Layer level (bench/overhead_layer.py): Llama-7B-sized layers (4096x4096, 4096x11008) and the
+embedded model's MLP layer (256x688), random weights. Model level (bench/overhead_model.py): the
+embedded default model and a Llama-style model with TinyLlama-1.1B's layer shapes (4 layers,
+random weights). Implementations side by side: ours (MultiAdapterLinear, pick_lora_strategy),
+each LoRA strategy, the paper's bmm-LoRA, PEFT's mixed batch, and a loop over adapter groups.
+Row i of a batch of B uses adapter i % D. Writes JSON, a Markdown report and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench import overhead_layer as ol
+from bench import overhead_model as om
+from bench.overhead_report import write_markdown, write_plots
+from bench.timing import Timer, load_average, machine_info
+from flora_core.adapter_weights import AdapterKind
+
+LORA, FLORA = AdapterKind.LORA, AdapterKind.FLORA
+BATCHES = (1, 8, 32, 64)
+LORA_RANKS = (1, 2, 4, 8, 16, 64)
+FLORA_RANKS = (1, 2, 4, 8)
+SWEEP_BATCH = 32  # the rank sweep runs at this batch size, every row with its own adapter
+PADDED_POOL_RANK = 64  # one case runs rank-16 adapters in slots of rank 64 (the serving default lora_max_rank)
+LAYER_SHAPES = {"7B attn 4096x4096": (4096, 4096), "7B mlp 4096x11008": (4096, 11008),
+                "tiny-llama mlp 256x688": (256, 688)}
+MODEL_CONTEXT = {"flora-tiny-llama": 32, "llama-moderate": 128}  # KV cache tokens behind each decode row
+
+
+def distinct_counts(batch: int) -> list[int]:
+    return sorted({1, max(1, batch // 4), batch})
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What one run measures: per layer shape and per model, (batch, tokens/row) shapes and ranks."""
+
+    name: str
+    layer_shapes: tuple[str, ...]
+    layer_decode_batches: tuple[int, ...]
+    layer_prefill: dict[str, tuple[tuple[int, int], ...]]  # shape -> (batch, tokens per row)
+    rank_sweep: bool
+    models: tuple[str, ...]
+    model_decode_batches: dict[str, tuple[int, ...]]
+    model_prefill: dict[str, tuple[tuple[int, int], ...]]
+    model_distinct: dict[str, tuple[int, ...]] = field(default_factory=dict)  # override: D values per model
+    timer: dict = field(default_factory=dict)
+
+    def describe(self) -> list[str]:
+        """What was run, and what was left out, as Markdown bullet lines."""
+        lines = [f"- grid `{self.name}`; row i of a batch of B uses adapter i % D; D in {{1, B/4, B}} unless noted"]
+        for shape in self.layer_shapes:
+            lines.append(f"- layer {shape}: decode B in {list(self.layer_decode_batches)} (LoRA r16: all "
+                         f"implementations; FLoRA r1: ours, loop); prefill (B, tokens/row) in "
+                         f"{list(self.layer_prefill.get(shape, ()))}")
+        for model in self.models:
+            distinct = self.model_distinct.get(model)
+            lines.append(f"- model {model}: decode B in {list(self.model_decode_batches[model])}"
+                         f"{f' with D in {list(distinct)}' if distinct else ''}, over a KV cache of "
+                         f"{MODEL_CONTEXT[model]} tokens; prefill (B, tokens/row) in {list(self.model_prefill[model])}")
+        if self.rank_sweep:
+            lines.append(f"- rank sweep at B={SWEEP_BATCH}, D={SWEEP_BATCH}, decode: LoRA ranks {list(LORA_RANKS)} "
+                         f"(layers: every implementation; models: ours, grouped, bmm), FLoRA ranks "
+                         f"{list(FLORA_RANKS)} (ours; layers also loop)")
+        else:
+            lines.append("- no rank sweep (LoRA rank 16 and FLoRA rank 1 only)")
+        lines.append(f"- LoRA slots have the adapters' rank (SlotCapacity.lora_max_rank = r), except one case per "
+                     f"layer and model: rank-16 adapters in slots of rank {PADDED_POOL_RANK} (the serving default), "
+                     f"decode, B=D={SWEEP_BATCH}, ours only (`ours_slots_r{PADDED_POOL_RANK}`)")
+        return lines
+
+
+CPU_GRID = Grid(
+    name="cpu", layer_shapes=tuple(LAYER_SHAPES), layer_decode_batches=BATCHES,
+    layer_prefill={"7B attn 4096x4096": ((1, 128), (1, 512), (8, 128)), "7B mlp 4096x11008": ((1, 128), (8, 128)),
+                   "tiny-llama mlp 256x688": ((1, 128), (1, 512), (8, 128), (32, 128))},
+    rank_sweep=True, models=("flora-tiny-llama", "llama-moderate"),
+    model_decode_batches={"flora-tiny-llama": BATCHES, "llama-moderate": BATCHES},
+    model_prefill={"flora-tiny-llama": ((1, 48), (8, 48), (32, 48)), "llama-moderate": ((1, 128),)},
+    timer={"rounds": 15, "min_rounds": 3, "warmup": 1, "budget_s": 0.6},
+)
+GPU_GRID = Grid(
+    name="gpu", layer_shapes=tuple(LAYER_SHAPES), layer_decode_batches=BATCHES,
+    layer_prefill={shape: tuple((b, t) for b in BATCHES for t in (128, 512)) for shape in LAYER_SHAPES},
+    rank_sweep=True, models=("flora-tiny-llama", "llama-moderate"),
+    model_decode_batches={"flora-tiny-llama": BATCHES, "llama-moderate": BATCHES},
+    model_prefill={"flora-tiny-llama": ((1, 48), (8, 48), (32, 48)),
+                   "llama-moderate": ((1, 128), (8, 128), (32, 128), (8, 512))},
+    timer={"rounds": 30, "min_rounds": 5, "warmup": 3, "budget_s": 0.3},
+)
+QUICK_GRID = Grid(
+    name="quick", layer_shapes=("7B attn 4096x4096", "tiny-llama mlp 256x688"), layer_decode_batches=(8, 32),
+    layer_prefill={"7B attn 4096x4096": ((1, 128),), "tiny-llama mlp 256x688": ((8, 128),)},
+    rank_sweep=False, models=("flora-tiny-llama", "llama-moderate"),
+    model_decode_batches={"flora-tiny-llama": (32,), "llama-moderate": (32,)},
+    model_prefill={"flora-tiny-llama": ((8, 48),), "llama-moderate": ()},
+    model_distinct={"llama-moderate": (32,)},
+    timer={"rounds": 5, "min_rounds": 2, "warmup": 1, "budget_s": 0.2},
+)
+
+
+def layer_cases(grid: Grid, shape: str) -> list[ol.LayerCase]:
+    cases = []
+    shapes = [(b, 1) for b in grid.layer_decode_batches] + list(grid.layer_prefill.get(shape, ()))
+    for batch, tokens in shapes:
+        for distinct in distinct_counts(batch):
+            cases.append(ol.LayerCase(batch, tokens, distinct, LORA, 16, ol.LORA_IMPLS))
+            cases.append(ol.LayerCase(batch, tokens, distinct, FLORA, 1, ol.FLORA_IMPLS))
+    b = SWEEP_BATCH
+    cases.append(ol.LayerCase(b, 1, b, LORA, 16, ("ours",), pool_rank=PADDED_POOL_RANK))
+    if grid.rank_sweep:
+        cases += [ol.LayerCase(b, 1, b, LORA, r, ol.LORA_IMPLS, pool_rank=r) for r in LORA_RANKS if r != 16]
+        cases += [ol.LayerCase(b, 1, b, FLORA, r, ol.FLORA_IMPLS) for r in FLORA_RANKS if r != 1]
+    return cases
+
+
+def model_cases(grid: Grid, model: str) -> list[om.ModelCase]:
+    cases = []
+    shapes = [(b, 1) for b in grid.model_decode_batches[model]] + list(grid.model_prefill[model])
+    for batch, tokens in shapes:
+        for distinct in grid.model_distinct.get(model) or distinct_counts(batch):
+            lora_impls = om.LORA_IMPLS + (("ours_no_adapter",) if tokens == 1 and distinct == batch else ())
+            cases.append(om.ModelCase(batch, tokens, distinct, LORA, 16, lora_impls))
+            cases.append(om.ModelCase(batch, tokens, distinct, FLORA, 1, om.FLORA_IMPLS))
+    b = SWEEP_BATCH
+    cases.append(om.ModelCase(b, 1, b, LORA, 16, ("ours",), pool_rank=PADDED_POOL_RANK))
+    if grid.rank_sweep:
+        cases += [om.ModelCase(b, 1, b, LORA, r, ("ours", "grouped", "bmm"), pool_rank=r)
+                  for r in LORA_RANKS if r != 16]
+        cases += [om.ModelCase(b, 1, b, FLORA, r, ("ours",)) for r in FLORA_RANKS if r != 1]
+    return cases
+
+
+def rows_of(level: str, target: str, case, timings: dict[str, float]) -> list[dict]:
+    base = timings["base"]
+    return [{"level": level, "target": target, "phase": case.phase, "batch": case.batch,
+             "tokens_per_row": case.tokens_per_row, "distinct": case.distinct, "kind": case.kind.value,
+             "rank": case.rank, "pool_rank": case.pool_rank if case.kind is LORA else None,
+             "impl": impl if case.kind is FLORA or case.pool_rank == case.rank else f"{impl}_slots_r{case.pool_rank}",
+             "ms": round(ms, 4), "base_ms": round(base, 4), "ratio": round(ms / base, 4)}
+            for impl, ms in timings.items() if impl != "base"]
+
+
+def by_pool_rank(cases: list) -> dict[int, list]:
+    """Cases grouped by the LoRA slots' rank each needs (one bench per group), the main group first."""
+    groups: dict[int, list] = {}
+    for case in sorted(cases, key=lambda c: c.pool_rank != 16):
+        groups.setdefault(case.pool_rank, []).append(case)
+    return groups
+
+
+def run(grid: Grid, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    timer = Timer(device, **grid.timer)
+    rows: list[dict] = []
+    for shape in grid.layer_shapes:
+        d_in, d_out = LAYER_SHAPES[shape]
+        for pool_rank, cases in by_pool_rank(layer_cases(grid, shape)).items():
+            flora_ranks = [c.rank for c in cases if c.kind is FLORA] or [1]
+            bench = ol.LayerBench(d_in, d_out, device, dtype, max_distinct=max(c.distinct for c in cases),
+                                  max_lora_rank=pool_rank, max_flora_rank=max(flora_ranks))
+            for case in cases:
+                rows += report(rows_of("layer", shape, case, bench.measure(case, timer)))
+            del bench
+            gc.collect()
+    for model in grid.models:
+        base = om.build_base(model, device, dtype)
+        for pool_rank, cases in by_pool_rank(model_cases(grid, model)).items():
+            flora_ranks = [c.rank for c in cases if c.kind is FLORA] or [1]
+            bench = om.ModelBench(model, base, max_distinct=max(c.distinct for c in cases), max_lora_rank=pool_rank,
+                                  max_flora_rank=max(flora_ranks), context=MODEL_CONTEXT[model],
+                                  with_peft=any("peft" in c.impls for c in cases))
+            for case in cases:
+                rows += report(rows_of("model", model, case, bench.measure(case, timer)))
+            del bench
+            gc.collect()
+        del base
+    return rows
+
+
+def report(rows: list[dict]) -> list[dict]:
+    first = rows[0]
+    print(f"{first['level']:5s} {first['target']:24s} {first['phase']:7s} B={first['batch']:<3d} "
+          f"T={first['tokens_per_row']:<3d} D={first['distinct']:<3d} {first['kind']:5s} r={first['rank']:<2d} "
+          f"R={first['pool_rank'] or '-'!s:2s} "
+          f"base {first['base_ms']:9.3f} ms  " + "  ".join(f"{r['impl']} {r['ratio']:.2f}x" for r in rows), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="auto: float32 on the CPU, bfloat16 on a GPU")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared machine)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (~1 min on the CPU)")
+    parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    parser.add_argument("--tag", default=None, help="file name stem (default: adapter_overhead_<grid>)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.set_num_threads(args.threads)
+    grid = QUICK_GRID if args.quick else (GPU_GRID if device.type == "cuda" else CPU_GRID)
+    stem = args.tag or f"adapter_overhead_{grid.name}"
+    command = " ".join(["python -m bench.adapter_overhead", *sys.argv[1:]])
+    info = machine_info(device) | {"dtype": str(dtype).removeprefix("torch.")}
+    started = time.perf_counter()
+    rows = run(grid, device, dtype)
+    info |= {"load_average_after": load_average(), "seconds": round(time.perf_counter() - started)}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"machine": info, "command": command, "grid": asdict(grid), "ran": grid.describe(), "rows": rows}
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    write_markdown(result, args.out_dir / f"{stem}.md")
+    plots = write_plots(result, args.out_dir, stem)
+    print(f"wrote {args.out_dir / stem}.json, .md and {', '.join(p.name for p in plots)} in {info['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Layer-level adapter overhead: one linear layer, a heterogeneous batch, every implementation.
+
+Each implementation computes, for a batch of B rows of T tokens where row i uses adapter i % D,
+the layer's output with each row's adapter:
+
+- `base`: the bare nn.Linear (no adapters): the denominator of every ratio.
+- `ours`: MultiAdapterLinear with its own choice of LoRA strategy (pick_lora_strategy).
+- `grouped`, `bmm`: MultiAdapterLinear with that strategy forced (bmm gathers A and B per TOKEN).
+- `paper_bmm`: the paper's baseline (App. B.1), A and B gathered per ROW and bmm over its tokens.
+- `peft`: PEFT's LoRA layer with D adapters loaded, called with `adapter_names=` (its mixed batch).
+- `loop`: one MultiAdapterLinear call per adapter group (the rows of one adapter at a time).
+
+FLoRA rows run `ours` and `loop` only (PEFT has no FLoRA; bmm strategies are LoRA's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+from unittest import mock
+
+import torch
+from torch import nn
+
+from bench.timing import Timer
+from flora_core import multi_adapter_linear
+from flora_core.adapter_batch import AdapterBatch, AdapterSlot
+from flora_core.adapter_weights import AdapterKind, FloraModule, LoraModule
+from flora_core.multi_adapter_linear import MultiAdapterLinear, SlotCapacity
+
+LORA_IMPLS = ("ours", "grouped", "bmm", "paper_bmm", "peft", "loop")
+FLORA_IMPLS = ("ours", "loop")
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """One batch shape: B rows of T tokens, row i with adapter i % D, all of one kind and rank."""
+
+    batch: int
+    tokens_per_row: int
+    distinct: int
+    kind: AdapterKind
+    rank: int
+    impls: tuple[str, ...]
+    pool_rank: int = 16  # the LoRA slots' rank (zero-padded past `rank`), as SlotCapacity.lora_max_rank
+
+    @property
+    def phase(self) -> str:
+        return "decode" if self.tokens_per_row == 1 else "prefill"
+
+
+class StrategySwitch:
+    """Which LoRA strategy MultiAdapterLinear uses inside `lora_strategy_switch`: None keeps its rule."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+
+    def calling(self, name: str | None, fn: Callable[[], object]) -> Callable[[], object]:
+        """fn, run with strategy `name` (setting it costs one attribute write, not a patch per call)."""
+
+        def call() -> object:
+            self.name = name
+            return fn()
+
+        return call
+
+
+@contextlib.contextmanager
+def lora_strategy_switch() -> Iterator[StrategySwitch]:
+    """Within the block pick_lora_strategy obeys the yielded switch (a bench-only patch, undone after)."""
+    switch = StrategySwitch()
+    rule = multi_adapter_linear.pick_lora_strategy
+    def pick(rows, rank: int, width: int) -> str:
+        return switch.name or rule(rows, rank, width)
+
+    with mock.patch.object(multi_adapter_linear, "pick_lora_strategy", pick):
+        yield switch
+
+
+def paper_bmm_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, row_slots: torch.Tensor,
+                   rank: int) -> torch.Tensor:
+    """delta[i] = x[i] @ A[s_i].T @ B[s_i].T, one gathered adapter per ROW (the paper's bmm-LoRA).
+
+    x: [B, T, d_in]; lora_a: [S, R, d_in]; lora_b: [S, d_out, R]; row_slots: [B] long. Returns [B, T, d_out].
+    """
+    a = lora_a[:, :rank].index_select(0, row_slots)  # [B, r, d_in]
+    b = lora_b[:, :, :rank].index_select(0, row_slots)  # [B, d_out, r]
+    return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+
+class LayerBench:
+    """One layer shape on one device: the base linear, our wrapper with slots, PEFT models on demand."""
+
+    def __init__(self, d_in: int, d_out: int, device: torch.device, dtype: torch.dtype, max_distinct: int,
+                 max_lora_rank: int, max_flora_rank: int, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.d_in, self.d_out, self.device, self.dtype = d_in, d_out, device, dtype
+        self.base = nn.Linear(d_in, d_out, bias=False).to(device=device, dtype=dtype).eval()
+        capacity = SlotCapacity(lora_slots=max_distinct, lora_max_rank=max_lora_rank, flora_slots=max_distinct,
+                                flora_max_rank=max_flora_rank, ia3_slots=0)
+        self.layer = MultiAdapterLinear(self.base, capacity)
+        self._written: dict[AdapterKind, int] = {}  # kind -> the rank its slots hold now
+        self._peft: tuple[int, nn.Module] | None = None  # (rank, PEFT LoRA layer with max_distinct adapters)
+
+    def measure(self, case: LayerCase, timer: Timer) -> dict[str, float]:
+        """ms per implementation, plus "base"."""
+        self._write_slots(case.kind, case.rank)
+        x = torch.randn(case.batch, case.tokens_per_row, self.d_in, device=self.device, dtype=self.dtype)
+        with torch.inference_mode(), lora_strategy_switch() as switch:
+            calls = {impl: (switch.calling(strategy, fn), None) for impl, (fn, strategy) in self._calls(case, x).items()}
+            return timer.compare(calls)
+
+    def _calls(self, case: LayerCase, x: torch.Tensor) -> dict[str, tuple[Callable[[], object], str | None]]:
+        flat = x.reshape(-1, self.d_in)
+        row_slots = [AdapterSlot(case.kind, i % case.distinct) for i in range(case.batch)]
+        batch = AdapterBatch.from_rows(row_slots, case.tokens_per_row, self.device)
+        calls = {"base": (lambda: self.base(flat), None)}
+        for impl in case.impls:
+            if impl in ("ours", "grouped", "bmm"):
+                calls[impl] = (lambda: self.layer(flat, batch=batch), None if impl == "ours" else impl)
+            elif impl == "paper_bmm":
+                slots = torch.tensor([s.slot for s in row_slots], device=self.device)
+                calls[impl] = (lambda: self.base(x) + paper_bmm_lora(x, self.layer.lora_a, self.layer.lora_b, slots,
+                                                                     case.rank), None)
+            elif impl == "peft":
+                peft_layer = self._peft_layer(case.rank, case.distinct)
+                names = [f"a{i % case.distinct}" for i in range(case.batch)]
+                calls[impl] = (lambda: peft_layer(x, adapter_names=names), None)
+            elif impl == "loop":
+                calls[impl] = (self._loop_call(case, flat), None)
+            else:
+                raise ValueError(f"unknown implementation {impl!r}; use one of {LORA_IMPLS}")
+        return calls
+
+    def _loop_call(self, case: LayerCase, flat: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """One layer call per adapter: gather its rows' tokens, run them, scatter the results back."""
+        groups = []
+        for slot in range(case.distinct):
+            rows = list(range(slot, case.batch, case.distinct))
+            tokens = torch.tensor([r * case.tokens_per_row + t for r in rows for t in range(case.tokens_per_row)],
+                                  device=self.device)
+            groups.append((tokens, AdapterBatch.from_rows([AdapterSlot(case.kind, slot)] * len(rows),
+                                                          case.tokens_per_row, self.device)))
+
+        def loop() -> torch.Tensor:
+            out = flat.new_empty(flat.shape[0], self.d_out)
+            for tokens, batch in groups:
+                out.index_copy_(0, tokens, self.layer(flat.index_select(0, tokens), batch=batch))
+            return out
+
+        return loop
+
+    @torch.no_grad()
+    def _write_slots(self, kind: AdapterKind, rank: int) -> None:
+        """Fill every slot of `kind` with a random adapter of `rank` (once per kind and rank)."""
+        if self._written.get(kind) == rank:
+            return
+        gen = torch.Generator().manual_seed(rank)
+        for slot in range(self.layer.capacity.num_slots(kind)):
+            if kind is AdapterKind.LORA:
+                weights = LoraModule(a=torch.randn(rank, self.d_in, generator=gen) / self.d_in**0.5,
+                                     b=torch.randn(self.d_out, rank, generator=gen) * 0.01, scale=2.0 / rank)
+            else:
+                weights = FloraModule(flora_in=1 + 0.1 * torch.randn(rank, self.d_in, generator=gen),
+                                      flora_out=1 + 0.1 * torch.randn(rank, self.d_out, generator=gen))
+            self.layer.write_slot(kind, slot, _to(weights, self.device, self.dtype))
+        self._written[kind] = rank
+
+    def _peft_layer(self, rank: int, distinct: int) -> nn.Module:
+        """PEFT's LoRA Linear around the same base weights, holding every slot's worth of adapters."""
+        slots = self.layer.capacity.lora_slots
+        if self._peft is None or self._peft[0] != rank:
+            self._peft = None  # free the previous rank's adapters first
+            self._peft = (rank, peft_lora_layer(self.base, rank, slots, self.device, self.dtype))
+        assert distinct <= slots
+        return self._peft[1]
+
+
+class _Holder(nn.Module):
+    def __init__(self, proj: nn.Module) -> None:
+        super().__init__()
+        self.proj = proj
+
+
+def peft_lora_layer(base: nn.Linear, rank: int, count: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A PEFT lora.Linear over a copy of `base` with adapters a0..a{count-1} (random, rank `rank`)."""
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - a bench extra, not a core dependency
+
+    holder = _Holder(nn.Linear(base.in_features, base.out_features, bias=False))
+    holder.proj.weight = base.weight  # shared, not copied
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"], init_lora_weights=False)
+    model = get_peft_model(holder, config, adapter_name="a0")
+    for i in range(1, count):
+        model.add_adapter(f"a{i}", config)
+    return model.base_model.model.proj.to(device=device, dtype=dtype).eval()
+
+
+def _to(weights, device: torch.device, dtype: torch.dtype):
+    if isinstance(weights, LoraModule):
+        return LoraModule(a=weights.a.to(device, dtype), b=weights.b.to(device, dtype), scale=weights.scale)
+    return FloraModule(flora_in=weights.flora_in.to(device, dtype), flora_out=weights.flora_out.to(device, dtype))

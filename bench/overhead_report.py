@@ -1,0 +1,184 @@
+"""The adapter overhead run as Markdown tables and PNG plots (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
+
+LORA_COLUMNS = ("ours", "grouped", "bmm", "paper_bmm", "peft", "loop")
+TARGETS = {"lora": 1.15, "flora": 1.05}  # model-level decode, B=32, 32 distinct adapters (the issue's targets)
+STYLE = {"ours": ("tab:blue", "o"), "grouped": ("tab:cyan", "s"), "bmm": ("tab:orange", "^"),
+         "paper_bmm": ("tab:brown", "v"), "peft": ("tab:red", "D"), "loop": ("tab:gray", "x"),
+         "ours_no_adapter": ("tab:green", "."), "ours_slots_r64": ("tab:olive", "*"),
+         "flora ours": ("tab:purple", "o"), "flora loop": ("tab:pink", "x")}
+
+
+def _index(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """(level, target, phase, batch, tokens, distinct, rank) -> {"<kind> <impl>": row}."""
+    table: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        key = (r["level"], r["target"], r["phase"], r["batch"], r["tokens_per_row"], r["distinct"])
+        table[key + (r["kind"], r["rank"])][r["impl"]] = r
+    return table
+
+
+def _cell(row: dict | None) -> str:
+    return "" if row is None else f"{row['ratio']:.2f}"
+
+
+def _headline(rows: list[dict]) -> list[str]:
+    table = _index(rows)
+    lines = ["## Headline: model-level decode, B=32, every row with its own adapter (D=32)", "",
+             "Ratios are forward time / the base model's on the same batch. Targets on the CPU: LoRA rank 16 "
+             "<= 1.15x, FLoRA rank 1 <= 1.05x, and at least 3x faster than PEFT's mixed batch.", "",
+             "| model | base ms | ours, LoRA r16 | ours, FLoRA r1 | PEFT mixed batch, LoRA r16 | PEFT / ours: time "
+             "| PEFT / ours: added time | loop over adapters, LoRA r16 | ours, no adapter rows "
+             "| ours, LoRA r16 in rank-64 slots |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for target in sorted({r["target"] for r in rows if r["level"] == "model"}):
+        lora = table.get(("model", target, "decode", 32, 1, 32, "lora", 16), {})
+        flora = table.get(("model", target, "decode", 32, 1, 32, "flora", 1), {})
+        if "ours" not in lora:
+            continue
+        ours, peft = lora["ours"], lora.get("peft")
+        added = (f"{(peft['ms'] - peft['base_ms']) / max(ours['ms'] - ours['base_ms'], 1e-9):.1f}x"
+                 if peft and ours["ms"] > ours["base_ms"] else "")
+        speedup = f"{peft['ms'] / ours['ms']:.2f}x" if peft else ""
+        lines.append(f"| {target} | {ours['base_ms']:.1f} | {_verdict(ours, 'lora')} | "
+                     f"{_verdict(flora.get('ours'), 'flora')} | {_cell(peft)} | {speedup} | {added} | "
+                     f"{_cell(lora.get('loop'))} | {_cell(lora.get('ours_no_adapter'))} | "
+                     f"{_cell(next((v for k, v in lora.items() if k.startswith('ours_slots_r')), None))} |")
+    return lines + [""]
+
+
+def _verdict(row: dict | None, kind: str) -> str:
+    if row is None:
+        return ""
+    return f"{row['ratio']:.2f} ({'meets' if row['ratio'] <= TARGETS[kind] else 'misses'} {TARGETS[kind]})"
+
+
+def _shape_tables(rows: list[dict]) -> list[str]:
+    table = _index(rows)
+    lines = []
+    targets = sorted({(r["level"], r["target"]) for r in rows}, key=lambda t: (t[0] != "layer", t[1]))
+    for level, target in targets:
+        keys = sorted({k[:6] for k in table if k[0] == level and k[1] == target},
+                      key=lambda k: (k[2] != "decode", k[3], k[4], k[5]))
+        lines += [f"## {level} `{target}`: LoRA rank 16 and FLoRA rank 1", "",
+                  "| phase | B | tokens/row | D | base ms | " + " | ".join(LORA_COLUMNS) + " | FLoRA ours | FLoRA loop |",
+                  "|---|---:|---:|---:|---:|" + "---:|" * (len(LORA_COLUMNS) + 2)]
+        for key in keys:
+            lora, flora = table.get(key + ("lora", 16), {}), table.get(key + ("flora", 1), {})
+            if not lora and not flora:
+                continue
+            base = next(iter((lora or flora).values()))["base_ms"]
+            cells = [_cell(lora.get(c)) for c in LORA_COLUMNS] + [_cell(flora.get("ours")), _cell(flora.get("loop"))]
+            lines.append(f"| {key[2]} | {key[3]} | {key[4]} | {key[5]} | {base:.3f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _rank_table(rows: list[dict]) -> list[str]:
+    sweep = [r for r in rows if r["phase"] == "decode" and r["batch"] == 32 and r["distinct"] == 32]
+    if len({r["rank"] for r in sweep}) < 3:
+        return []
+    lines = ["## Rank sweep: decode, B=32, D=32 (ratio to base)", "",
+             "| level | target | kind | rank | base ms | " + " | ".join(LORA_COLUMNS) + " |",
+             "|---|---|---|---:|---:|" + "---:|" * len(LORA_COLUMNS)]
+    grouped: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in sweep:
+        grouped[(r["level"], r["target"], r["kind"], r["rank"])][r["impl"]] = r
+    for (level, target, kind, rank), impls in sorted(grouped.items(), key=lambda kv: (kv[0][0] != "layer",) + kv[0]):
+        base = next(iter(impls.values()))["base_ms"]
+        lines.append(f"| {level} | {target} | {kind} | {rank} | {base:.3f} | "
+                     + " | ".join(_cell(impls.get(c)) for c in LORA_COLUMNS) + " |")
+    return lines + [""]
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    machine = result["machine"]
+    lines = [f"# Adapter overhead: grid `{result['grid']['name']}`", "",
+             f"Machine: {machine['cpu']} ({machine['cpu_count']} cores), {machine.get('gpu', 'no GPU')}, device "
+             f"`{machine['device']}`, torch {machine['torch']} with {machine['torch_threads']} thread(s), "
+             f"{machine['dtype']}. Load average (1, 5, 15 min) before: {machine['load_average_1_5_15']}, "
+             f"after: {machine['load_average_after']}. Ran {machine['seconds']} s.", "",
+             f"Command: `{result['command']}`", "", "What ran (everything else in the full grid of batch sizes "
+             "1/8/32/64, D in 1/B/4/B, ranks 1-64, decode and prefill was skipped):", "", *result["ran"], ""]
+    lines += _headline(result["rows"]) + _shape_tables(result["rows"]) + _rank_table(result["rows"])
+    path.write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------- plots
+
+
+def _series(rows, target, select, x_key) -> dict[str, tuple[list, list]]:
+    series: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for r in sorted((r for r in rows if r["target"] == target and select(r)), key=lambda r: r[x_key]):
+        label = r["impl"] if r["kind"] == "lora" else f"flora {r['impl']}"
+        series[label][0].append(r[x_key])
+        series[label][1].append(r["ratio"])
+    return series
+
+
+def _panel(ax, series, title: str, xlabel: str, target_lines: bool) -> None:
+    for label, (xs, ys) in series.items():
+        color, marker = STYLE.get(label, ("black", "."))
+        ax.plot(xs, ys, marker=marker, color=color, linestyle="--" if label.startswith("flora") else "-",
+                label=label.replace("flora ", "FLoRA: ").replace("ours_no_adapter", "ours, no adapter rows"))
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    if target_lines:
+        for (kind, value), va in zip(TARGETS.items(), ("bottom", "top")):
+            ax.axhline(value, color="tab:green", linestyle=":", linewidth=1)
+            ax.text(ax.get_xlim()[1], value, f"target {'LoRA' if kind == 'lora' else 'FLoRA'} {value} ", fontsize=7,
+                    va=va, ha="right", color="tab:green")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _figure(rows, panels, select, x_key, xlabel, title, path: Path) -> Path | None:
+    panels = [p for p in panels if any(r["target"] == p[1] and select(r) for r in rows)]
+    if not panels:
+        return None
+    cols = 2
+    fig, axes = plt.subplots((len(panels) + 1) // cols, cols, figsize=(11, 4 * ((len(panels) + 1) // cols)),
+                             squeeze=False)
+    for ax, (level, target) in zip(axes.flat, panels):
+        _panel(ax, _series(rows, target, lambda r: r["level"] == level and select(r), x_key),
+               f"{level}: {target}", xlabel, target_lines=level == "model")
+        ax.set_ylabel("time / base model's time")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = {}, {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=5, fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(result: dict, out_dir: Path, stem: str) -> list[Path]:
+    rows = result["rows"]
+    panels = sorted({(r["level"], r["target"]) for r in rows}, key=lambda t: (t[0] != "layer", t[1]))
+    dev = f"{result['machine']['device']}, {result['machine']['dtype']}"
+    made = [
+        _figure(rows, panels, lambda r: r["phase"] == "decode" and r["distinct"] == r["batch"]
+                and r["rank"] == (16 if r["kind"] == "lora" else 1), "batch", "batch size B (decode, one token per row)",
+                f"Adapter overhead at decode, every row with its own adapter (D=B): LoRA r16, FLoRA r1 ({dev})",
+                out_dir / f"{stem}_decode.png"),
+        _figure(rows, panels, lambda r: r["phase"] == "decode" and r["batch"] == 32 and r["distinct"] == 32,
+                "rank", "adapter rank", f"Adapter overhead vs rank: decode, B=32, D=32 ({dev})",
+                out_dir / f"{stem}_rank.png"),
+    ]
+    return [p for p in made if p is not None]

@@ -1,0 +1,233 @@
+"""End-to-end serving benchmark: the running application under Poisson and closed-loop load.
+
+    python -m bench.serving_e2e               # the full run (~12-15 min on 2 CPU cores)
+    python -m bench.serving_e2e --quick       # a smoke run (~2-3 min)
+
+Starts the application in-process (`serve.run(build_app(...))`, HTTP on 127.0.0.1:8040) on the
+embedded default model with N random LoRA adapters (rank 8, every linear layer) written to a
+temporary adapter root, and measures, per point, requests/s, output tokens/s, time to first
+token and inter-token latency (p50/p99, from streaming timestamps) and failures:
+
+- our engine (adapters mixed freely in every batch): adapters drawn uniformly and by Zipf over
+  1, 10, 100 and 1,000 adapters, the base model alone (the ceiling), a closed-loop concurrency
+  sweep and Poisson arrivals at several rates;
+- the same application with `max_adapters_per_step: 1`: every running batch holds one adapter at
+  a time, what serving each adapter as its own multiplexed model gives (Ray Serve multiplexing).
+
+First the same closed loop runs against the engine alone, in this process (no Ray, no HTTP):
+what batching gains inside the engine, apart from the serving stack's own cost per token.
+
+Before measuring, every adapter is requested once (one token each), so adapters sit in the host
+cache (no disk reads inside a point); device slots (128 LoRA slots) still load and evict as
+traffic moves between adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import ray
+import torch
+from ray import serve
+from transformers import AutoModelForCausalLM
+
+from bench.engine_load import build_engine, engine_closed_loop
+from bench.serving_load import Workload, closed_loop, poisson, summarize
+from bench.serving_report import write_markdown, write_plots
+from bench.timing import load_average, machine_info
+from deploy.app import build_app
+from flora_core import AdapterKind, AdapterWeights, LoraModule, save_adapter
+from flora_core.default_model import DEFAULT_MODEL_NAME, default_model_dir
+from flora_core.patching import find_target_layers
+
+PORT = 8040
+ADAPTER_COUNTS = (1, 10, 100, 1000)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measurement: which app, which workload, and closed-loop concurrency or a Poisson rate."""
+
+    app: str  # "ours" or "one_adapter_per_step"
+    workload: str  # "base", "uniform-100", "zipf-1000", ...
+    concurrency: int | None = None
+    rate: float | None = None
+    stream: bool = True
+
+    @property
+    def mode(self) -> str:
+        return "closed" if self.concurrency is not None else "poisson"
+
+
+def plan(quick: bool, rates: tuple[float, ...], saturation: int) -> list[Point]:
+    if quick:
+        return [Point("ours", "base", saturation), Point("ours", "uniform-100", saturation),
+                Point("ours", "uniform-100", saturation, stream=False),
+                Point("ours", "uniform-100", rate=rates[len(rates) // 2]),
+                Point("one_adapter_per_step", "uniform-100", saturation)]
+    ours = [Point("ours", w, saturation) for w in ["base", *(f"uniform-{n}" for n in ADAPTER_COUNTS),
+                                                   *(f"zipf-{n}" for n in ADAPTER_COUNTS[1:])]]
+    ours += [Point("ours", w, c) for w in ("base", "uniform-100") for c in (1, 8, 64)]
+    ours += [Point("ours", w, saturation, stream=False) for w in ("base", "uniform-100")]
+    ours += [Point("ours", w, rate=r) for w in ("base", "uniform-100") for r in rates]
+    one = [Point("one_adapter_per_step", w, saturation) for w in ("uniform-10", "uniform-100", "uniform-1000",
+                                                                  "zipf-100")]
+    one += [Point("one_adapter_per_step", "uniform-100", saturation, stream=False)]
+    one += [Point("one_adapter_per_step", "uniform-100", rate=r) for r in rates]
+    return ours + one
+
+
+def workload(label: str, names: list[str], stream: bool = True) -> Workload:
+    if label == "base":
+        return Workload(label, (), stream=stream)
+    distribution, count = label.split("-")
+    return Workload(label, tuple(names[: int(count)]), distribution=distribution, stream=stream)
+
+
+def write_lora_adapters(root: Path, count: int, rank: int) -> list[str]:
+    """`count` random LoRA adapters of `rank` on every linear layer of the default model."""
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir(), local_files_only=True)
+    shapes = {n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features)
+              for n in find_target_layers(model, "all-linear")}
+    gen = torch.Generator().manual_seed(0)
+    names = []
+    for i in range(count):
+        modules = {n: LoraModule(a=torch.randn(rank, d_in, generator=gen) / d_in**0.5,
+                                 b=torch.randn(d_out, rank, generator=gen) * 0.05, scale=1.0)
+                   for n, (d_in, d_out) in shapes.items()}
+        names.append(f"lora-{i:04d}")
+        save_adapter(AdapterWeights(AdapterKind.LORA, modules), root / names[-1])
+    return names
+
+
+def app_args(adapter_root: Path, one_adapter_per_step: bool) -> dict:
+    return {"model": DEFAULT_MODEL_NAME, "adapter_dir": str(adapter_root), "max_model_len": 64,
+            "lora_slots": 128, "lora_max_rank": 8, "flora_slots": 1, "ia3_slots": 1, "max_running": 64,
+            "max_batch_size": 32, "max_queued_requests": 1024, "replica_num_cpus": 1,
+            "max_adapters_per_step": 1 if one_adapter_per_step else None}
+
+
+async def warm_up(url: str, names: list[str]) -> float:
+    """Request every adapter (and the base model) once with one token: adapters reach the host cache."""
+    start = time.perf_counter()
+    queue = [DEFAULT_MODEL_NAME, *names]
+
+    async def worker(http: httpx.AsyncClient) -> None:
+        while queue:
+            model = queue.pop()
+            reply = await http.post(url, json={"model": model, "prompt": "warm=", "max_tokens": 1})
+            reply.raise_for_status()
+
+    async with httpx.AsyncClient(timeout=120) as http:
+        await asyncio.gather(*(worker(http) for _ in range(32)))
+    return time.perf_counter() - start
+
+
+def run_point(point: Point, names: list[str], duration_s: float, seed: int) -> dict:
+    url = f"http://127.0.0.1:{PORT}/v1/completions"
+    sampler = workload(point.workload, names, point.stream).sampler(DEFAULT_MODEL_NAME, seed)
+    load_before = load_average()
+    if point.mode == "closed":
+        records, elapsed = asyncio.run(closed_loop(url, sampler, point.concurrency, duration_s))
+    else:
+        records, elapsed = asyncio.run(poisson(url, sampler, point.rate, duration_s, seed))
+    stats = asdict(point) | {"mode": point.mode} | summarize(records, elapsed) | {"load_average": load_before}
+    print(f"{point.app:21s} {point.workload:12s} {point.mode:7s} {'stream' if point.stream else 'whole ':6s} "
+          f"{'C=' + str(point.concurrency) if point.concurrency else f'rate={point.rate}/s':10s} "
+          f"{stats['requests_per_s']:7.2f} req/s {stats['output_tokens_per_s']:8.1f} tok/s  "
+          f"TTFT p50/p99 {stats['ttft_ms_p50']}/{stats['ttft_ms_p99']} ms  "
+          f"ITL p50/p99 {stats['itl_ms_p50']}/{stats['itl_ms_p99']} ms  failed {stats['failed']}  "
+          f"load {load_before}", flush=True)
+    return stats
+
+
+def run_engine_points(root: Path, names: list[str], args) -> list[dict]:
+    """The same closed loop straight against the engine (no Ray, no HTTP), with and without the limit."""
+    results = []
+    for limit in (None, 1):
+        engine = build_engine(root, names, lora_slots=128, lora_max_rank=8, max_adapters_per_step=limit)
+        try:
+            workloads = ("base", "uniform-100", f"uniform-{len(names)}") if limit is None else ("uniform-100",)
+            for label in dict.fromkeys(workloads):
+                load_before = load_average()
+                stats = engine_closed_loop(engine, workload(label, names), args.saturation, args.engine_duration,
+                                           args.seed)
+                results.append({"app": "engine" if limit is None else "engine_one_adapter_per_step",
+                                "workload": label, "concurrency": args.saturation, **stats,
+                                "load_average": load_before})
+                print(f"{results[-1]['app']:27s} {label:12s} C={args.saturation}  "
+                      f"{stats['output_tokens_per_s']:8.1f} tok/s  {stats['mean_rows_per_step']} tokens/step  "
+                      f"load {load_before}", flush=True)
+        finally:
+            engine.close()
+    return results
+
+
+def run_app(app: str, root: Path, names: list[str], points: list[Point], args) -> tuple[list[dict], dict]:
+    started = time.perf_counter()
+    serve.run(build_app(app_args(root, app == "one_adapter_per_step")), name="flora", route_prefix="/")
+    ready_s = time.perf_counter() - started
+    warm_s = asyncio.run(warm_up(f"http://127.0.0.1:{PORT}/v1/completions", names))
+    print(f"{app}: ready in {ready_s:.1f} s, warm-up ({len(names)} adapters) {warm_s:.1f} s", flush=True)
+    results = [run_point(p, names, args.duration, args.seed + i) for i, p in enumerate(points)]
+    stats = serve.get_app_handle("flora").replica_stats.remote().result()
+    serve.delete("flora")
+    return results, {"ready_s": round(ready_s, 1), "warm_up_s": round(warm_s, 1), "replicas": stats}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 points of 5 s, 100 adapters")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per point (default 15; quick 5)")
+    parser.add_argument("--saturation", type=int, default=32, help="closed-loop concurrency of the main points")
+    parser.add_argument("--rates", type=float, nargs="+", default=[4.0, 8.0, 12.0], help="Poisson rates, req/s")
+    parser.add_argument("--engine-duration", type=float, default=None,
+                        help="seconds per engine-only point (default 10; quick 4)")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    parser.add_argument("--tag", default=None, help="file name stem (default: serving_e2e or serving_e2e_quick)")
+    args = parser.parse_args()
+    args.duration = args.duration or (5.0 if args.quick else 15.0)
+    args.engine_duration = args.engine_duration or (4.0 if args.quick else 10.0)
+    points = plan(args.quick, tuple(args.rates), args.saturation)
+    stem = args.tag or ("serving_e2e_quick" if args.quick else "serving_e2e")
+    info = machine_info(torch.device("cpu"))
+    started = time.perf_counter()
+    results, apps = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        names = write_lora_adapters(Path(tmp), 100 if args.quick else max(ADAPTER_COUNTS), args.rank)
+        print(f"wrote {len(names)} adapters in {time.perf_counter() - started:.1f} s", flush=True)
+        engine_results = run_engine_points(Path(tmp), names, args)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+            for app in ("ours", "one_adapter_per_step"):
+                app_results, apps[app] = run_app(app, Path(tmp), names, [p for p in points if p.app == app], args)
+                results += app_results
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    info |= {"load_average_after": load_average(), "seconds": round(time.perf_counter() - started)}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result = {"machine": info, "command": " ".join(["python -m bench.serving_e2e", *sys.argv[1:]]),
+              "settings": settings, "app_args": app_args(Path("<tmp>"), False), "adapters": len(names),
+              "apps": apps, "workload": asdict(Workload("default", ())), "results": results,
+              "engine_only": engine_results}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    write_markdown(result, args.out_dir / f"{stem}.md")
+    plots = write_plots(result, args.out_dir, stem)
+    print(f"wrote {args.out_dir / stem}.json, .md and {', '.join(p.name for p in plots)} in {info['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The end-to-end serving run as a Markdown report and PNG plots (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
+
+APP_LABEL = {"ours": "flora-serve (adapters mixed in every batch)",
+             "one_adapter_per_step": "one adapter per batch (max_adapters_per_step=1)"}
+COLOR = {"ours": "tab:blue", "one_adapter_per_step": "tab:red"}
+
+
+def _find(results: list[dict], app: str, workload: str, concurrency=None, rate=None, stream=True) -> dict | None:
+    for r in results:
+        if (r["app"], r["workload"], r["concurrency"], r["rate"], r.get("stream", True)) == (
+                app, workload, concurrency, rate, stream):
+            return r
+    return None
+
+
+def headline(result: dict) -> list[str]:
+    results, c = result["results"], result["settings"]["saturation"]
+    base = _find(results, "ours", "base", c)
+    ours = _find(results, "ours", "uniform-100", c)
+    one = _find(results, "one_adapter_per_step", "uniform-100", c)
+    if not (base and ours):
+        return []
+    share = ours["output_tokens_per_s"] / base["output_tokens_per_s"]
+    lines = [f"## Headline: 100 adapters drawn uniformly, closed loop of {c} concurrent streams", "",
+             "| | output tokens/s | requests/s | vs target |", "|---|---:|---:|---|",
+             f"| base model only (the ceiling) | {base['output_tokens_per_s']:.0f} | {base['requests_per_s']:.1f} | |",
+             f"| flora-serve, uniform over 100 adapters | {ours['output_tokens_per_s']:.0f} | "
+             f"{ours['requests_per_s']:.1f} | {share:.0%} of the base (target >= 85%: "
+             f"{'met' if share >= 0.85 else 'missed'}) |"]
+    if one:
+        speedup = ours["output_tokens_per_s"] / max(one["output_tokens_per_s"], 1e-9)
+        lines.append(f"| one adapter per batch, uniform over 100 | {one['output_tokens_per_s']:.0f} | "
+                     f"{one['requests_per_s']:.1f} | flora-serve is {speedup:.1f}x this (target >= 3x: "
+                     f"{'met' if speedup >= 3 else 'missed'}) |")
+    base_w, ours_w = _find(results, "ours", "base", c, stream=False), _find(results, "ours", "uniform-100", c,
+                                                                           stream=False)
+    one_w = _find(results, "one_adapter_per_step", "uniform-100", c, stream=False)
+    if base_w and ours_w:
+        apps = [base_w, ours_w] + ([one_w] if one_w else [])
+        versus = f"{ours_w['output_tokens_per_s'] / base_w['output_tokens_per_s']:.0%} of the base"
+        if one_w:
+            versus += f", {ours_w['output_tokens_per_s'] / one_w['output_tokens_per_s']:.1f}x one adapter per batch"
+        lines.append("| whole answers, no streaming: base only / uniform-100"
+                     + (" / one adapter per batch" if one_w else "") + " | "
+                     + " / ".join(f"{r['output_tokens_per_s']:.0f}" for r in apps) + " | "
+                     + " / ".join(f"{r['requests_per_s']:.1f}" for r in apps) + f" | {versus} |")
+    return lines + [""]
+
+
+def engine_table(result: dict) -> list[str]:
+    rows = result.get("engine_only") or []
+    if not rows:
+        return []
+    base = next((r for r in rows if r["app"] == "engine" and r["workload"] == "base"), None)
+    lines = ["## The engine alone (no Ray, no HTTP): the same closed loop against `Engine.step()`", "",
+             "| engine | workload | output tokens/s | vs base | requests/s | steps/s | tokens per step | load avg |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        share = f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.0%}" if base else ""
+        lines.append(f"| {r['app']} | {r['workload']} | {r['output_tokens_per_s']:.0f} | {share} | "
+                     f"{r['requests_per_s']:.1f} | {r['steps_per_s']:.0f} | {r['mean_rows_per_step']} | "
+                     f"{(r['load_average'] or [None])[0]} |")
+    return lines + [""]
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    m, s, w = result["machine"], result["settings"], result["workload"]
+    lines = [f"# End-to-end serving: {result['adapters']} LoRA adapters (rank {s['rank']}, every linear layer) on "
+             "the embedded default model", "",
+             f"Machine: {m['cpu']} ({m['cpu_count']} cores), torch {m['torch']}; everything on this machine: "
+             "Ray (the replica with 1 CPU and 1 torch thread, ingress, proxy, controller) and the load generator "
+             f"(httpx, streaming). Load average (1, 5, 15 min) at start: {m['load_average_1_5_15']}, at the end: "
+             f"{m['load_average_after']}; per point in the table. Ran {m['seconds']} s.", "",
+             f"Command: `{result['command']}`", "",
+             f"Each point runs {s['duration']:.0f} s. Prompts: {w['prompt_chars'][0]}-{w['prompt_chars'][1]} random "
+             f"letters and '=' (uniform); outputs: max_tokens uniform in {w['output_tokens'][0]}-"
+             f"{w['output_tokens'][1]} with ignore_eos, so each request generates exactly that many tokens. Zipf: "
+             f"p(k) ~ 1/k. TTFT and ITL are client-side, from the SSE chunk timestamps (one chunk per token). "
+             f"Application arguments: `{result['app_args']}`.", ""]
+    lines += headline(result) + engine_table(result)
+    lines += ["## Every point", "",
+              "| app | workload | load | req/s | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | "
+              "e2e p50 ms | failed / sent | load avg (1 min) |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["results"]:
+        load = f"closed, C={r['concurrency']}" if r["mode"] == "closed" else f"Poisson {r['rate']:g}/s"
+        load += "" if r.get("stream", True) else ", whole answers (no streaming)"
+        lines.append(f"| {r['app']} | {r['workload']} | {load} | {r['requests_per_s']:.1f} | "
+                     f"{r['output_tokens_per_s']:.0f} | {r['ttft_ms_p50']} / {r['ttft_ms_p99']} | "
+                     f"{r['itl_ms_p50']} / {r['itl_ms_p99']} | {r['e2e_ms_p50']} | {r['failed']} / {r['requests']} | "
+                     f"{(r['load_average'] or [None])[0]} |")
+    errors = sorted({e for r in result["results"] for e in r["errors"]})
+    if errors:
+        lines += ["", "Errors seen: " + "; ".join(errors)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _throughput_plot(result: dict, path: Path) -> Path | None:
+    results, c = result["results"], result["settings"]["saturation"]
+    closed = [r for r in results if r["concurrency"] == c and r["workload"] != "base" and r.get("stream", True)]
+    base = _find(results, "ours", "base", c)
+    if not closed or base is None:
+        return None
+    workloads = sorted({r["workload"] for r in closed}, key=lambda w: (w.split("-")[0], int(w.split("-")[1])))
+    engine = result.get("engine_only") or []
+    fig, (ax, ax_engine) = plt.subplots(1, 2, figsize=(13, 4.8), width_ratios=(3, 1.2))
+    width = 0.4
+    for j, app in enumerate(APP_LABEL):
+        xs, ys = [], []
+        for i, workload in enumerate(workloads):
+            r = _find(results, app, workload, c)
+            if r:
+                xs.append(i + (j - 0.5) * width)
+                ys.append(r["output_tokens_per_s"])
+        ax.bar(xs, ys, width, label=APP_LABEL[app], color=COLOR[app])
+    ax.axhline(base["output_tokens_per_s"], color="black", linestyle="--", label="base model only (the ceiling)")
+    ax.axhline(0.85 * base["output_tokens_per_s"], color="tab:green", linestyle=":", label="85% of the base (target)")
+    ax.set_xticks(range(len(workloads)), [w.replace("-", "\n") for w in workloads])
+    ax.set_ylabel("output tokens/s")
+    ax.set_xlabel("adapter distribution and number of adapters")
+    ax.set_title(f"Through the application (HTTP, streaming), closed loop of {c} streams", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    if engine:
+        kinds = {"engine": "mixed", "engine_one_adapter_per_step": "one adapter\nper batch"}
+        labels = [kinds[r["app"]] + "\n" + r["workload"] for r in engine]
+        colors = ["black" if r["workload"] == "base" else COLOR["ours" if r["app"] == "engine" else
+                                                               "one_adapter_per_step"] for r in engine]
+        ax_engine.bar(range(len(engine)), [r["output_tokens_per_s"] for r in engine], color=colors)
+        ax_engine.set_xticks(range(len(engine)), labels, fontsize=7)
+        ax_engine.set_title("The engine alone (no Ray, no HTTP)", fontsize=10)
+        ax_engine.set_ylabel("output tokens/s")
+        ax_engine.grid(True, axis="y", alpha=0.3)
+    else:
+        ax_engine.axis("off")
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
+    fig.suptitle("Throughput on the embedded tiny model, CPU", fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _latency_plot(result: dict, path: Path) -> Path | None:
+    lines = [("ours", "base", "base model only"), ("ours", "uniform-100", "flora-serve, uniform-100"),
+             ("one_adapter_per_step", "uniform-100", "one adapter per batch, uniform-100")]
+    series = {label: sorted((r for r in result["results"] if r["rate"] is not None and (r["app"], r["workload"])
+                             == (app, workload)), key=lambda r: r["rate"]) for app, workload, label in lines}
+    if not any(series.values()):
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    colors = {"base model only": "black", "flora-serve, uniform-100": "tab:blue",
+              "one adapter per batch, uniform-100": "tab:red"}
+    for label, rows in series.items():
+        if not rows:
+            continue
+        rates = [r["rate"] for r in rows]
+        axes[0].plot(rates, [r["output_tokens_per_s"] for r in rows], "o-", color=colors[label], label=label)
+        for ax, metric in ((axes[1], "ttft_ms"), (axes[2], "itl_ms")):
+            ax.plot(rates, [r[f"{metric}_p50"] for r in rows], "o-", color=colors[label], label=f"{label} p50")
+            ax.plot(rates, [r[f"{metric}_p99"] for r in rows], "x--", color=colors[label], label=f"{label} p99")
+    for ax, title, ylabel in ((axes[0], "achieved throughput", "output tokens/s"),
+                              (axes[1], "time to first token", "ms (log)"), (axes[2], "inter-token latency", "ms (log)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("Poisson arrival rate (requests/s)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    fig.suptitle("Open loop (Poisson arrivals): solid p50, dashed p99", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _concurrency_plot(result: dict, path: Path) -> Path | None:
+    rows = {w: sorted((r for r in result["results"] if r["app"] == "ours" and r["workload"] == w
+                       and r["concurrency"] is not None and r.get("stream", True)), key=lambda r: r["concurrency"])
+            for w in ("base", "uniform-100")}
+    if min(len(v) for v in rows.values()) < 2:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for workload, color in (("base", "black"), ("uniform-100", "tab:blue")):
+        cs = [r["concurrency"] for r in rows[workload]]
+        axes[0].plot(cs, [r["output_tokens_per_s"] for r in rows[workload]], "o-", color=color, label=workload)
+        axes[1].plot(cs, [r["itl_ms_p50"] for r in rows[workload]], "o-", color=color, label=f"{workload} p50")
+        axes[1].plot(cs, [r["itl_ms_p99"] for r in rows[workload]], "x--", color=color, label=f"{workload} p99")
+    axes[0].set_ylabel("output tokens/s")
+    axes[1].set_ylabel("inter-token latency, ms")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams (closed loop)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("flora-serve: closed-loop concurrency sweep", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(result: dict, out_dir: Path, stem: str) -> list[Path]:
+    made = [_throughput_plot(result, out_dir / f"{stem}_throughput.png"),
+            _latency_plot(result, out_dir / f"{stem}_latency.png"),
+            _concurrency_plot(result, out_dir / f"{stem}_concurrency.png")]
+    return [p for p in made if p is not None]

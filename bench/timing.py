@@ -1,0 +1,100 @@
+"""Timing shared by the benchmarks: interleaved medians with a time budget, CUDA events on a GPU.
+
+    timer = Timer(torch.device("cuda"), rounds=15, budget_s=1.0)
+    ms = timer.compare({"base": (lambda: base(x), None), "ours": (lambda: layer(x, batch=batch), None)})
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+import torch
+
+
+Call = tuple[Callable[[], object], Optional[Callable[[], object]]]  # (timed fn, untimed setup run before it)
+
+
+@dataclass(frozen=True)
+class Timer:
+    """Median wall time of calls, in ms: CUDA events and a synchronize on a GPU, perf_counter on the CPU.
+
+    `compare` interleaves the calls it is given, one of each per round, so that a burst of load
+    from elsewhere on a shared machine lands on all of them alike. After `warmup` untimed rounds
+    it runs at least `min_rounds` timed rounds and at most `rounds`, stopping once the timed
+    calls have taken `budget_s` per call on average (slow cases get fewer samples).
+    """
+
+    device: torch.device
+    rounds: int = 15
+    min_rounds: int = 3
+    warmup: int = 1
+    budget_s: float = 1.0
+
+    def compare(self, calls: Mapping[str, Call]) -> dict[str, float]:
+        """The median ms of each call; its setup (e.g. resetting a KV cache) runs untimed before it."""
+        for _ in range(self.warmup):
+            for fn, before in calls.values():
+                self._once_ms(fn, before)
+        samples: dict[str, list[float]] = {name: [] for name in calls}
+        spent_ms, rounds = 0.0, 0
+        while rounds < self.rounds and (rounds < self.min_rounds or spent_ms < self.budget_s * 1e3 * len(calls)):
+            for name, (fn, before) in calls.items():
+                samples[name].append(self._once_ms(fn, before))
+                spent_ms += samples[name][-1]
+            rounds += 1
+        return {name: statistics.median(values) for name, values in samples.items()}
+
+    def _once_ms(self, fn: Callable[[], object], before: Optional[Callable[[], object]]) -> float:
+        if before is not None:
+            before()
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(self.device)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(self.device)
+            return start.elapsed_time(end)
+        start_s = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start_s) * 1e3
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return tuple(round(v, 2) for v in os.getloadavg())
+    except OSError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict:
+    """What the numbers ran on: CPU, cores, torch build and threads, GPU name, load averages."""
+    info = {
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "load_average_1_5_15": load_average(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
