@@ -1,6 +1,7 @@
 """Measure the LoRA strategies (gather+bmm vs grouped) to set pick_lora_strategy's threshold.
 
     python bench/lora_strategies.py --d-model 4096 --rank 16 --out bench/results/lora_strategies.json
+    python bench/lora_strategies.py --d-model 256 --rank 16 --out bench/results/lora_strategies_cpu_d256.json
 
 For each batch shape (tokens, distinct adapters) it times both strategies on one layer's delta
 and reports which wins, with the rule's choice beside it.
@@ -64,8 +65,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared machine)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/lora_strategies.json"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     results = run(args.d_model, args.rank, args.repeats, args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),

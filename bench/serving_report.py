@@ -135,6 +135,10 @@ def _throughput_plot(result: dict, path: Path) -> Path | None:
         colors = ["black" if r["workload"] == "base" else COLOR["ours" if r["app"] == "engine" else
                                                                "one_adapter_per_step"] for r in engine]
         ax_engine.bar(range(len(engine)), [r["output_tokens_per_s"] for r in engine], color=colors)
+        engine_base = next((r["output_tokens_per_s"] for r in engine if r["workload"] == "base"), None)
+        if engine_base:
+            ax_engine.axhline(engine_base, color="black", linestyle="--")
+            ax_engine.axhline(0.85 * engine_base, color="tab:green", linestyle=":")
         ax_engine.set_xticks(range(len(engine)), labels, fontsize=7)
         ax_engine.set_title("The engine alone (no Ray, no HTTP)", fontsize=10)
         ax_engine.set_ylabel("output tokens/s")
@@ -190,14 +194,18 @@ def _concurrency_plot(result: dict, path: Path) -> Path | None:
             for w in ("base", "uniform-100")}
     if min(len(v) for v in rows.values()) < 2:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for workload, color in (("base", "black"), ("uniform-100", "tab:blue")):
         cs = [r["concurrency"] for r in rows[workload]]
         axes[0].plot(cs, [r["output_tokens_per_s"] for r in rows[workload]], "o-", color=color, label=workload)
-        axes[1].plot(cs, [r["itl_ms_p50"] for r in rows[workload]], "o-", color=color, label=f"{workload} p50")
-        axes[1].plot(cs, [r["itl_ms_p99"] for r in rows[workload]], "x--", color=color, label=f"{workload} p99")
+        for ax, metric in ((axes[1], "ttft_ms"), (axes[2], "itl_ms")):
+            ax.plot(cs, [r[f"{metric}_p50"] for r in rows[workload]], "o-", color=color, label=f"{workload} p50")
+            ax.plot(cs, [r[f"{metric}_p99"] for r in rows[workload]], "x--", color=color, label=f"{workload} p99")
     axes[0].set_ylabel("output tokens/s")
-    axes[1].set_ylabel("inter-token latency, ms")
+    axes[1].set_ylabel("time to first token, ms (log)")
+    axes[2].set_ylabel("inter-token latency, ms (log)")
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams (closed loop)")
