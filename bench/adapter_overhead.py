@@ -60,6 +60,7 @@ class Grid:
     model_distinct: dict[str, tuple[int, ...]] = field(default_factory=dict)  # override: D values per model
     timer: dict = field(default_factory=dict)
     headline_timer: dict = field(default_factory=dict)  # overrides for model-level decode at B = D = 32
+    model_loop_max_batch: int | None = None  # model level: no `loop` past this batch size (B forwards of 1 row)
 
     def describe(self) -> list[str]:
         """What was run, and what was left out, as Markdown bullet lines."""
@@ -70,9 +71,12 @@ class Grid:
                          f"{list(self.layer_prefill.get(shape, ()))}")
         for model in self.models:
             distinct = self.model_distinct.get(model)
-            lines.append(f"- model {model}: decode B in {list(self.model_decode_batches[model])}"
+            loop_note = (f"; `loop` only for B <= {self.model_loop_max_batch}" if self.model_loop_max_batch
+                         and max(self.model_decode_batches[model]) > self.model_loop_max_batch else "")
+            lines.append(f"- model {model}: decode B in {list(self.model_decode_batches[model])}{loop_note}"
                          f"{f' with D in {list(distinct)}' if distinct else ''}, over a KV cache of "
-                         f"{MODEL_CONTEXT[model]} tokens; prefill (B, tokens/row) in {list(self.model_prefill[model])}")
+                         f"{MODEL_CONTEXT[model]} tokens; prefill (B, tokens/row) in {list(self.model_prefill[model])}"
+                         + (" (its context is 64 positions)" if model == "flora-tiny-llama" else ""))
         if self.headline_timer:
             lines.append(f"- model-level decode at B=D={SWEEP_BATCH}, LoRA r16 and FLoRA r1 (the targets): at least "
                          f"{self.headline_timer.get('min_rounds')} interleaved rounds; elsewhere at least "
@@ -91,13 +95,14 @@ class Grid:
 
 CPU_GRID = Grid(
     name="cpu", layer_shapes=tuple(LAYER_SHAPES), layer_decode_batches=BATCHES,
-    layer_prefill={"7B attn 4096x4096": ((1, 128), (1, 512), (8, 128)), "7B mlp 4096x11008": ((1, 128), (8, 128)),
+    layer_prefill={"7B attn 4096x4096": ((1, 128), (1, 512), (8, 128)), "7B mlp 4096x11008": ((1, 128),),
                    "tiny-llama mlp 256x688": ((1, 128), (1, 512), (8, 128), (32, 128))},
     rank_sweep=True, models=("flora-tiny-llama", "llama-moderate"),
     model_decode_batches={"flora-tiny-llama": BATCHES, "llama-moderate": BATCHES},
     model_prefill={"flora-tiny-llama": ((1, 48), (8, 48), (32, 48)), "llama-moderate": ((1, 128),)},
-    timer={"rounds": 15, "min_rounds": 3, "warmup": 1, "budget_s": 0.6},
+    timer={"rounds": 15, "min_rounds": 3, "warmup": 1, "budget_s": 0.4},
     headline_timer={"rounds": 15, "min_rounds": 11},
+    model_loop_max_batch=32,
 )
 GPU_GRID = Grid(
     name="gpu", layer_shapes=tuple(LAYER_SHAPES), layer_decode_batches=BATCHES,
@@ -140,8 +145,12 @@ def model_cases(grid: Grid, model: str) -> list[om.ModelCase]:
     for batch, tokens in shapes:
         for distinct in grid.model_distinct.get(model) or distinct_counts(batch):
             lora_impls = om.LORA_IMPLS + (("ours_no_adapter",) if tokens == 1 and distinct == batch else ())
+            flora_impls = om.FLORA_IMPLS
+            if grid.model_loop_max_batch is not None and batch > grid.model_loop_max_batch:
+                lora_impls = tuple(i for i in lora_impls if i != "loop")
+                flora_impls = tuple(i for i in flora_impls if i != "loop")
             cases.append(om.ModelCase(batch, tokens, distinct, LORA, 16, lora_impls))
-            cases.append(om.ModelCase(batch, tokens, distinct, FLORA, 1, om.FLORA_IMPLS))
+            cases.append(om.ModelCase(batch, tokens, distinct, FLORA, 1, flora_impls))
     b = SWEEP_BATCH
     cases.append(om.ModelCase(b, 1, b, LORA, 16, ("ours",), pool_rank=PADDED_POOL_RANK))
     if grid.rank_sweep:

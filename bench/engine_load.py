@@ -1,19 +1,31 @@
 """The engine alone under the serving benchmark's workloads: no Ray, no HTTP, one process.
 
+    python -m bench.engine_load --model llama-moderate      # ~2 min on 2 CPU cores
+
 It separates what batching across adapters gains inside the engine from what the serving stack
 (Ray Serve's proxy and handles, per-token SSE chunks) costs: the same closed loop of C requests
 runs straight against `Engine.step()`, each finished request replaced at once by a new one.
+bench/serving_e2e.py runs it on the embedded model; run alone, it takes the Llama-style model of
+bench/overhead_model.py (TinyLlama-1.1B's layer shapes, 4 layers, random weights), where a
+decode step costs what a real model's layers cost rather than Python's per-layer overhead.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoTokenizer
 
+from bench.overhead_model import build_base
 from bench.serving_load import Workload
+from bench.timing import load_average, machine_info
+from flora_core.adapter_weights import AdapterKind, AdapterWeights, LoraModule
 from flora_core.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from flora_core.engine import Engine, EngineConfig
 from flora_core.multi_adapter_linear import SlotCapacity
@@ -36,8 +48,11 @@ def build_engine(adapter_root: Path, names: list[str], lora_slots: int, lora_max
 
 
 def engine_closed_loop(engine: Engine, workload: Workload, concurrency: int, duration_s: float,
-                       seed: int) -> dict:
-    """Keep `concurrency` requests in the engine for duration_s; output tokens/s and requests/s."""
+                       seed: int, encode: Callable[[str], list[int]] | None = None) -> dict:
+    """Keep `concurrency` requests in the engine for duration_s; output tokens/s and requests/s.
+
+    encode: turns the workload's text prompts into token ids, for an engine without a tokenizer.
+    """
     sampler = workload.sampler(DEFAULT_MODEL_NAME, seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a replica with replica_num_cpus=1 runs it
@@ -47,7 +62,8 @@ def engine_closed_loop(engine: Engine, workload: Workload, concurrency: int, dur
     def add() -> None:
         body = sampler.next_body()
         adapter = None if body["model"] == DEFAULT_MODEL_NAME else body["model"]
-        in_flight.add(engine.add_request(body["prompt"], SamplingParams(
+        prompt = body["prompt"] if encode is None else encode(body["prompt"])
+        in_flight.add(engine.add_request(prompt, SamplingParams(
             max_tokens=body["max_tokens"], temperature=0, ignore_eos=True), adapter))
 
     try:
@@ -72,3 +88,82 @@ def engine_closed_loop(engine: Engine, workload: Workload, concurrency: int, dur
     return {"output_tokens_per_s": round(tokens / elapsed, 1), "requests_per_s": round(finished / elapsed, 2),
             "steps_per_s": round(steps / elapsed, 1), "mean_rows_per_step": round(tokens / max(steps, 1), 1),
             "elapsed_s": round(elapsed, 2)}
+
+
+# ----------------------------------------------------------------- the Llama-style model, alone
+
+
+def random_lora(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> AdapterWeights:
+    gen = torch.Generator().manual_seed(seed)
+    return AdapterWeights(AdapterKind.LORA, {
+        name: LoraModule(a=torch.randn(rank, d_in, generator=gen) / d_in**0.5,
+                         b=torch.randn(d_out, rank, generator=gen) * 0.05, scale=1.0)
+        for name, (d_in, d_out) in shapes.items()})
+
+
+def run_model(model_name: str, adapters: int, rank: int, concurrency: int, duration_s: float, seed: int) -> list[dict]:
+    """base / uniform over `adapters` / the same with one adapter per step, on one patched model."""
+    model = MultiAdapterModel(build_base(model_name, torch.device("cpu"), torch.float32), capacity=SlotCapacity(
+        lora_slots=2 * concurrency, lora_max_rank=rank, flora_slots=1, ia3_slots=1))
+    shapes = {n: (layer.d_in, layer.d_out) for n, layer in model.layers.items()}
+    names = [f"lora-{i:04d}" for i in range(adapters)]
+    for i, name in enumerate(names):
+        model.add_adapter(name, random_lora(shapes, rank, seed=i))
+    vocab = model.model.config.vocab_size
+    encode = lambda text: [3 + ord(c) % (vocab - 3) for c in text]  # noqa: E731 - a stand-in tokenizer
+    results = []
+    for label, limit in (("base", None), (f"uniform-{adapters}", None), (f"uniform-{adapters}", 1)):
+        engine = Engine(model, EngineConfig(max_model_len=64, max_running=64, max_batched_tokens=256,
+                                            max_adapters_per_step=limit))
+        workload = Workload(label, () if label == "base" else tuple(names))
+        load_before = load_average()
+        try:
+            stats = engine_closed_loop(engine, workload, concurrency, duration_s, seed, encode)
+        finally:
+            engine.close()
+        results.append({"app": "engine" if limit is None else "engine_one_adapter_per_step", "model": model_name,
+                        "workload": label, "concurrency": concurrency, **stats, "load_average": load_before})
+        print(f"{results[-1]['app']:27s} {label:12s} {stats['output_tokens_per_s']:8.1f} tok/s "
+              f"{stats['steps_per_s']:6.1f} steps/s {stats['mean_rows_per_step']} tokens/step load {load_before}",
+              flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-moderate", choices=["llama-moderate", "flora-tiny-llama"])
+    parser.add_argument("--adapters", type=int, default=100)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per point")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    info = machine_info(torch.device("cpu"))
+    results = run_model(args.model, args.adapters, args.rank, args.concurrency, args.duration, args.seed)
+    info |= {"load_average_after": load_average(), "seconds": round(time.perf_counter() - started)}
+    stem = f"engine_load_{args.model}"
+    command = " ".join(["python -m bench.engine_load", *sys.argv[1:]])
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(
+        {"machine": info, "command": command, "settings": settings, "results": results}, indent=1))
+    base = results[0]["output_tokens_per_s"]
+    lines = [f"# The engine alone on `{args.model}`: {args.adapters} LoRA adapters (rank {args.rank}, every linear "
+             f"layer), closed loop of {args.concurrency}", "",
+             f"Machine: {info['cpu']} ({info['cpu_count']} cores), torch {info['torch']}, 1 thread, float32. Load "
+             f"average before: {info['load_average_1_5_15']}, after: {info['load_average_after']}. Ran "
+             f"{info['seconds']} s. Command: `{command}`", "",
+             "| engine | workload | output tokens/s | vs base | steps/s | tokens per step | load avg |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['app']} | {r['workload']} | {r['output_tokens_per_s']:.1f} | "
+              f"{r['output_tokens_per_s'] / base:.0%} "
+              f"| {r['steps_per_s']:.1f} | {r['mean_rows_per_step']} | {r['load_average'][0]} |" for r in results]
+    (args.out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out_dir / stem}.json and .md in {info['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

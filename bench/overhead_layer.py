@@ -108,7 +108,8 @@ class LayerBench:
         self._write_slots(case.kind, case.rank)
         x = torch.randn(case.batch, case.tokens_per_row, self.d_in, device=self.device, dtype=self.dtype)
         with torch.inference_mode(), lora_strategy_switch() as switch:
-            calls = {impl: (switch.calling(strategy, fn), None) for impl, (fn, strategy) in self._calls(case, x).items()}
+            calls = {impl: (switch.calling(strategy, fn), None)
+                     for impl, (fn, strategy) in self._calls(case, x).items()}
             return timer.compare(calls)
 
     def _calls(self, case: LayerCase, x: torch.Tensor) -> dict[str, tuple[Callable[[], object], str | None]]:

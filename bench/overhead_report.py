@@ -9,8 +9,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 LORA_COLUMNS = ("ours", "grouped", "bmm", "paper_bmm", "peft", "loop")
+LABELS = {"flora ours": "FLoRA: ours", "flora loop": "FLoRA: loop", "ours_no_adapter": "ours, rows without adapters",
+          "ours_slots_r64": "ours, LoRA slots padded to rank 64", "paper_bmm": "paper's bmm (per row)",
+          "bmm": "bmm (per token)", "peft": "PEFT mixed batch", "loop": "loop over adapter groups"}
 TARGETS = {"lora": 1.15, "flora": 1.05}  # model-level decode, B=32, 32 distinct adapters (the targets)
 STYLE = {"ours": ("tab:blue", "o"), "grouped": ("tab:cyan", "s"), "bmm": ("tab:orange", "^"),
          "paper_bmm": ("tab:brown", "v"), "peft": ("tab:red", "D"), "loop": ("tab:gray", "x"),
@@ -69,15 +73,16 @@ def _shape_tables(rows: list[dict]) -> list[str]:
     for level, target in targets:
         keys = sorted({k[:6] for k in table if k[0] == level and k[1] == target},
                       key=lambda k: (k[2] != "decode", k[3], k[4], k[5]))
+        columns = [c for c in LORA_COLUMNS if any(c in table.get(k + ("lora", 16), {}) for k in keys)]
         lines += [f"## {level} `{target}`: LoRA rank 16 and FLoRA rank 1", "",
-                  "| phase | B | tokens/row | D | base ms | " + " | ".join(LORA_COLUMNS) + " | FLoRA ours | FLoRA loop |",
-                  "|---|---:|---:|---:|---:|" + "---:|" * (len(LORA_COLUMNS) + 2)]
+                  "| phase | B | tokens/row | D | base ms | " + " | ".join(columns) + " | FLoRA ours | FLoRA loop |",
+                  "|---|---:|---:|---:|---:|" + "---:|" * (len(columns) + 2)]
         for key in keys:
             lora, flora = table.get(key + ("lora", 16), {}), table.get(key + ("flora", 1), {})
             if not lora and not flora:
                 continue
             base = next(iter((lora or flora).values()))["base_ms"]
-            cells = [_cell(lora.get(c)) for c in LORA_COLUMNS] + [_cell(flora.get("ours")), _cell(flora.get("loop"))]
+            cells = [_cell(lora.get(c)) for c in columns] + [_cell(flora.get("ours")), _cell(flora.get("loop"))]
             lines.append(f"| {key[2]} | {key[3]} | {key[4]} | {key[5]} | {base:.3f} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -129,15 +134,18 @@ def _panel(ax, series, title: str, xlabel: str, target_lines: bool) -> None:
     for label, (xs, ys) in series.items():
         color, marker = STYLE.get(label, ("black", "."))
         ax.plot(xs, ys, marker=marker, color=color, linestyle="--" if label.startswith("flora") else "-",
-                label=label.replace("flora ", "FLoRA: ").replace("ours_no_adapter", "ours, no adapter rows"))
+                label=LABELS.get(label, label))
     ax.axhline(1.0, color="black", linewidth=0.8)
     if target_lines:
-        for (kind, value), va in zip(TARGETS.items(), ("bottom", "top")):
-            ax.axhline(value, color="tab:green", linestyle=":", linewidth=1)
-            ax.text(ax.get_xlim()[1], value, f"target {'LoRA' if kind == 'lora' else 'FLoRA'} {value} ", fontsize=7,
-                    va=va, ha="right", color="tab:green")
+        ax.axhline(TARGETS["lora"], color="tab:green", linestyle=":", linewidth=1.2,
+                   label=f"target at B=D=32: LoRA r16 <= {TARGETS['lora']}")
+        ax.axhline(TARGETS["flora"], color="tab:olive", linestyle="-.", linewidth=1.2,
+                   label=f"target at B=D=32: FLoRA r1 <= {TARGETS['flora']}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "2357" else ""))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.grid(True, which="both", alpha=0.3)
@@ -147,22 +155,24 @@ def _figure(rows, panels, select, x_key, xlabel, title, path: Path) -> Path | No
     panels = [p for p in panels if any(r["target"] == p[1] and select(r) for r in rows)]
     if not panels:
         return None
-    cols = 2
-    fig, axes = plt.subplots((len(panels) + 1) // cols, cols, figsize=(11, 4 * ((len(panels) + 1) // cols)),
-                             squeeze=False)
+    cols = 3
+    rows_needed = len(panels) // cols + 1  # one free cell at least, for the legend
+    fig, axes = plt.subplots(rows_needed, cols, figsize=(15, 4.2 * rows_needed), squeeze=False)
     for ax, (level, target) in zip(axes.flat, panels):
         _panel(ax, _series(rows, target, lambda r: r["level"] == level and select(r), x_key),
                f"{level}: {target}", xlabel, target_lines=level == "model")
         ax.set_ylabel("time / base model's time")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=5, fontsize=8)
+    spare = list(axes.flat)[len(panels):]
+    for ax in spare:
+        ax.axis("off")
+    spare[0].legend(list(handles.values()), list(handles), loc="center", fontsize=9, title="time / base time",
+                    frameon=False)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -174,7 +184,8 @@ def write_plots(result: dict, out_dir: Path, stem: str) -> list[Path]:
     dev = f"{result['machine']['device']}, {result['machine']['dtype']}"
     made = [
         _figure(rows, panels, lambda r: r["phase"] == "decode" and r["distinct"] == r["batch"]
-                and r["rank"] == (16 if r["kind"] == "lora" else 1), "batch", "batch size B (decode, one token per row)",
+                and r["rank"] == (16 if r["kind"] == "lora" else 1), "batch",
+                "batch size B (decode, one token per row)",
                 f"Adapter overhead at decode, every row with its own adapter (D=B): LoRA r16, FLoRA r1 ({dev})",
                 out_dir / f"{stem}_decode.png"),
         _figure(rows, panels, lambda r: r["phase"] == "decode" and r["batch"] == 32 and r["distinct"] == 32,

@@ -79,7 +79,9 @@ def write_markdown(result: dict, path: Path) -> None:
              f"Machine: {m['cpu']} ({m['cpu_count']} cores), torch {m['torch']}; everything on this machine: "
              "Ray (the replica with 1 CPU and 1 torch thread, ingress, proxy, controller) and the load generator "
              f"(httpx, streaming). Load average (1, 5, 15 min) at start: {m['load_average_1_5_15']}, at the end: "
-             f"{m['load_average_after']}; per point in the table. Ran {m['seconds']} s.", "",
+             f"{m['load_average_after']}; per point in the table. While a point runs the benchmark itself keeps "
+             "about 5 processes busy (replica, ingress, proxy, catalog, load generator), so a load average of 3-5 "
+             f"there is mostly its own. Ran {m['seconds']} s.", "",
              f"Command: `{result['command']}`", "",
              f"Each point runs {s['duration']:.0f} s. Prompts: {w['prompt_chars'][0]}-{w['prompt_chars'][1]} random "
              f"letters and '=' (uniform); outputs: max_tokens uniform in {w['output_tokens'][0]}-"
@@ -94,9 +96,11 @@ def write_markdown(result: dict, path: Path) -> None:
     for r in result["results"]:
         load = f"closed, C={r['concurrency']}" if r["mode"] == "closed" else f"Poisson {r['rate']:g}/s"
         load += "" if r.get("stream", True) else ", whole answers (no streaming)"
+        ttft = "-" if r["ttft_ms_p50"] is None else f"{r['ttft_ms_p50']} / {r['ttft_ms_p99']}"
+        itl = "-" if r["itl_ms_p50"] is None else f"{r['itl_ms_p50']} / {r['itl_ms_p99']}"
         lines.append(f"| {r['app']} | {r['workload']} | {load} | {r['requests_per_s']:.1f} | "
-                     f"{r['output_tokens_per_s']:.0f} | {r['ttft_ms_p50']} / {r['ttft_ms_p99']} | "
-                     f"{r['itl_ms_p50']} / {r['itl_ms_p99']} | {r['e2e_ms_p50']} | {r['failed']} / {r['requests']} | "
+                     f"{r['output_tokens_per_s']:.0f} | {ttft} | {itl} | {r['e2e_ms_p50']} | "
+                     f"{r['failed']} / {r['requests']} | "
                      f"{(r['load_average'] or [None])[0]} |")
     errors = sorted({e for r in result["results"] for e in r["errors"]})
     if errors:
@@ -172,7 +176,8 @@ def _latency_plot(result: dict, path: Path) -> Path | None:
             ax.plot(rates, [r[f"{metric}_p50"] for r in rows], "o-", color=colors[label], label=f"{label} p50")
             ax.plot(rates, [r[f"{metric}_p99"] for r in rows], "x--", color=colors[label], label=f"{label} p99")
     for ax, title, ylabel in ((axes[0], "achieved throughput", "output tokens/s"),
-                              (axes[1], "time to first token", "ms (log)"), (axes[2], "inter-token latency", "ms (log)")):
+                              (axes[1], "time to first token", "ms (log)"),
+                              (axes[2], "inter-token latency", "ms (log)")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("Poisson arrival rate (requests/s)")
         ax.set_ylabel(ylabel)

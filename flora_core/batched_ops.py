@@ -67,14 +67,15 @@ LORA_STRATEGIES: dict[str, LoraDeltaFn] = {
 
 # The rule, from bench/lora_strategies.py (README, Performance). bmm pays per token (it gathers
 # each token's A and B), grouped pays per adapter (two matmul calls each). On the CPU bmm wins
-# where adapters have few tokens each (decode) and the gathered copies stay small, n * r *
-# (d_in + d_out) <= 2**20 elements (a few MB, cache-sized): layers up to ~2048 wide at rank
-# 16. Past that, copying the factors costs more than the calls it saves, and grouped wins by up to
-# 10x (d_model 4096, rank 16, 32 tokens). On a GPU grouped launches two kernels per adapter and
-# bmm two in all, so bmm takes every decode batch of 8 or more adapters: the paper's reasoning,
-# still to be measured on a lent GPU.
+# where adapters have few tokens each (decode) in layers up to 4096 wide (d_in + d_out) while the
+# gathered copies stay small, n * r * (d_in + d_out) <= 2**20 elements (a few MB, cache-sized):
+# 3-7x at the embedded model's widths. Wider, or with more tokens, copying the factors costs more
+# than the calls it saves and grouped wins (by up to 10x at d_model 4096, rank 16). On a GPU
+# grouped launches two kernels per adapter and bmm two in all, so bmm takes every decode batch of
+# 8 or more adapters: the paper's reasoning, still to be measured on a lent GPU.
 BMM_MAX_TOKENS_PER_SLOT = 2
 CPU_BMM_MIN_DISTINCT = 4
+CPU_BMM_MAX_WIDTH = 4096
 CPU_BMM_MAX_GATHERED = 2**20
 CUDA_BMM_MIN_DISTINCT = 8
 
@@ -88,7 +89,7 @@ def pick_lora_strategy(rows: SlotRows, rank: int, width: int) -> str:
     few_tokens_per_slot = rows.num_tokens <= BMM_MAX_TOKENS_PER_SLOT * num_distinct
     if rows.token_index.device.type == "cuda":
         return "bmm" if num_distinct >= CUDA_BMM_MIN_DISTINCT and few_tokens_per_slot else "grouped"
-    small_gather = rows.num_tokens * rank * width <= CPU_BMM_MAX_GATHERED
+    small_gather = width <= CPU_BMM_MAX_WIDTH and rows.num_tokens * rank * width <= CPU_BMM_MAX_GATHERED
     return "bmm" if num_distinct >= CPU_BMM_MIN_DISTINCT and few_tokens_per_slot and small_gather else "grouped"
 
 
