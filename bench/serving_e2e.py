@@ -144,7 +144,8 @@ def run_point(point: Point, names: list[str], duration_s: float, seed: int) -> d
           f"{'C=' + str(point.concurrency) if point.concurrency else f'rate={point.rate}/s':10s} "
           f"{stats['requests_per_s']:7.2f} req/s {stats['output_tokens_per_s']:8.1f} tok/s  "
           f"TTFT p50/p99 {stats['ttft_ms_p50']}/{stats['ttft_ms_p99']} ms  "
-          f"ITL p50/p99 {stats['itl_ms_p50']}/{stats['itl_ms_p99']} ms  failed {stats['failed']}  "
+          f"TPOT p50/p99 {stats['tpot_ms_p50']}/{stats['tpot_ms_p99']} ms  {stats['tokens_per_chunk']} tok/chunk  "
+          f"failed {stats['failed']}  "
           f"load {load_before}", flush=True)
     return stats
 

@@ -188,14 +188,20 @@ def summarize(records: list[RequestRecord], elapsed_s: float) -> dict:
     """Throughput over the whole run; latencies (ms) of the requests that succeeded."""
     ok = [r for r in records if r.error is None]
     ttft = [(r.chunk_times[0] - r.sent) * 1e3 for r in ok if r.chunk_times]
-    itl = [(b - a) * 1e3 for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    itl = [(b - a) * 1e3 for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]  # between chunks
+    # Time per output token after the first (vLLM's TPOT): unlike the gaps between chunks, it does
+    # not depend on how many tokens each chunk carries (stream_interval_ms merges them).
+    tpot = [(r.chunk_times[-1] - r.chunk_times[0]) * 1e3 / (r.output_tokens - 1)
+            for r in ok if r.chunk_times and r.output_tokens > 1]
+    chunks = sum(len(r.chunk_times) for r in ok)
     e2e = [(r.done - r.sent) * 1e3 for r in ok]
     tokens = sum(r.output_tokens for r in ok)
     errors = sorted({r.error for r in records if r.error})[:5]
     stats = {"requests": len(records), "completed": len(ok), "failed": len(records) - len(ok),
              "elapsed_s": round(elapsed_s, 2), "requests_per_s": round(len(ok) / elapsed_s, 2),
-             "output_tokens_per_s": round(tokens / elapsed_s, 1), "output_tokens": tokens, "errors": errors}
-    for name, values in (("ttft_ms", ttft), ("itl_ms", itl), ("e2e_ms", e2e)):
+             "output_tokens_per_s": round(tokens / elapsed_s, 1), "output_tokens": tokens, "errors": errors,
+             "tokens_per_chunk": round(tokens / chunks, 2) if chunks else None}
+    for name, values in (("ttft_ms", ttft), ("itl_ms", itl), ("tpot_ms", tpot), ("e2e_ms", e2e)):
         for q in (50, 99):
             value = _percentile(values, q)
             stats[f"{name}_p{q}"] = None if value is None else round(value, 1)

@@ -86,20 +86,24 @@ def write_markdown(result: dict, path: Path) -> None:
              f"Each point runs {s['duration']:.0f} s. Prompts: {w['prompt_chars'][0]}-{w['prompt_chars'][1]} random "
              f"letters and '=' (uniform); outputs: max_tokens uniform in {w['output_tokens'][0]}-"
              f"{w['output_tokens'][1]} with ignore_eos, so each request generates exactly that many tokens. Zipf: "
-             f"p(k) ~ 1/k. TTFT and ITL are client-side, from the SSE chunk timestamps (one chunk per token). "
+             f"p(k) ~ 1/k. Latencies are client-side, from the SSE chunk timestamps: TTFT, the gap between "
+             "chunks, and TPOT (a request's time per output token after its first: (last chunk - first chunk) / "
+             "(tokens - 1)). With `stream_interval_ms` > 0 a chunk may carry several tokens (tok/chunk). "
              f"Application arguments: `{result['app_args']}`.", ""]
     lines += headline(result) + engine_table(result)
     lines += ["## Every point", "",
-              "| app | workload | load | req/s | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | "
-              "e2e p50 ms | failed / sent | load avg (1 min) |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| app | workload | load | req/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
+              "chunk gap p50 / p99 ms | tok/chunk | e2e p50 ms | failed / sent | load avg (1 min) |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["results"]:
         load = f"closed, C={r['concurrency']}" if r["mode"] == "closed" else f"Poisson {r['rate']:g}/s"
         load += "" if r.get("stream", True) else ", whole answers (no streaming)"
         ttft = "-" if r["ttft_ms_p50"] is None else f"{r['ttft_ms_p50']} / {r['ttft_ms_p99']}"
         itl = "-" if r["itl_ms_p50"] is None else f"{r['itl_ms_p50']} / {r['itl_ms_p99']}"
+        tpot = "-" if r.get("tpot_ms_p50") is None else f"{r['tpot_ms_p50']} / {r['tpot_ms_p99']}"
         lines.append(f"| {r['app']} | {r['workload']} | {load} | {r['requests_per_s']:.1f} | "
-                     f"{r['output_tokens_per_s']:.0f} | {ttft} | {itl} | {r['e2e_ms_p50']} | "
+                     f"{r['output_tokens_per_s']:.0f} | {ttft} | {tpot} | {itl} | {r.get('tokens_per_chunk') or '-'} | "
+                     f"{r['e2e_ms_p50']} | "
                      f"{r['failed']} / {r['requests']} | "
                      f"{(r['load_average'] or [None])[0]} |")
     errors = sorted({e for r in result["results"] for e in r["errors"]})
@@ -172,12 +176,12 @@ def _latency_plot(result: dict, path: Path) -> Path | None:
             continue
         rates = [r["rate"] for r in rows]
         axes[0].plot(rates, [r["output_tokens_per_s"] for r in rows], "o-", color=colors[label], label=label)
-        for ax, metric in ((axes[1], "ttft_ms"), (axes[2], "itl_ms")):
+        for ax, metric in ((axes[1], "ttft_ms"), (axes[2], "tpot_ms")):
             ax.plot(rates, [r[f"{metric}_p50"] for r in rows], "o-", color=colors[label], label=f"{label} p50")
             ax.plot(rates, [r[f"{metric}_p99"] for r in rows], "x--", color=colors[label], label=f"{label} p99")
     for ax, title, ylabel in ((axes[0], "achieved throughput", "output tokens/s"),
                               (axes[1], "time to first token", "ms (log)"),
-                              (axes[2], "inter-token latency", "ms (log)")):
+                              (axes[2], "time per output token (TPOT)", "ms (log)")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("Poisson arrival rate (requests/s)")
         ax.set_ylabel(ylabel)
@@ -203,12 +207,12 @@ def _concurrency_plot(result: dict, path: Path) -> Path | None:
     for workload, color in (("base", "black"), ("uniform-100", "tab:blue")):
         cs = [r["concurrency"] for r in rows[workload]]
         axes[0].plot(cs, [r["output_tokens_per_s"] for r in rows[workload]], "o-", color=color, label=workload)
-        for ax, metric in ((axes[1], "ttft_ms"), (axes[2], "itl_ms")):
+        for ax, metric in ((axes[1], "ttft_ms"), (axes[2], "tpot_ms")):
             ax.plot(cs, [r[f"{metric}_p50"] for r in rows[workload]], "o-", color=color, label=f"{workload} p50")
             ax.plot(cs, [r[f"{metric}_p99"] for r in rows[workload]], "x--", color=color, label=f"{workload} p99")
     axes[0].set_ylabel("output tokens/s")
     axes[1].set_ylabel("time to first token, ms (log)")
-    axes[2].set_ylabel("inter-token latency, ms (log)")
+    axes[2].set_ylabel("time per output token (TPOT), ms (log)")
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
     for ax in axes:

@@ -67,6 +67,10 @@ class AppArgs(BaseModel):
                                                  "as one) a replica's running batch may hold at once; None: "
                                                  "unlimited. 1 serves one adapter at a time, like multiplexing "
                                                  "adapters per batch: a baseline for benchmarks.")
+    stream_interval_ms: float = Field(50.0, ge=0, description="Least time between two messages of a replica's "
+                                      "stream: tokens made in between travel (and are streamed) together, so the "
+                                      "ingress and the proxy do less work per token (as Ray Serve LLM's "
+                                      "stream_batching_interval_ms). 0: a message per engine step.")
     default_max_tokens: int = Field(16, description="max_tokens when a request leaves it out (OpenAI: 16).")
     max_batch_size: int = Field(32, description="@serve.batch: requests per dispatched batch at most.")
     batch_wait_timeout_s: float = Field(0.005, description="@serve.batch: how long a batch waits to fill.")
@@ -133,7 +137,7 @@ def resolve(args: AppArgs) -> tuple[ReplicaSettings, IngressSettings]:
         max_adapter_bytes=args.max_adapter_bytes, max_model_len=max_model_len, max_running=args.max_running,
         max_batched_tokens=args.max_batched_tokens or 4 * max_model_len,
         max_adapters_per_step=args.max_adapters_per_step,
-        torch_threads=max(1, math.floor(args.replica_num_cpus)))
+        torch_threads=max(1, math.floor(args.replica_num_cpus)), stream_interval_ms=args.stream_interval_ms)
     ingress = IngressSettings(
         model_path=str(model_dir), served_model_name=name, adapter_dir=adapter_dir, max_model_len=max_model_len,
         default_max_tokens=args.default_max_tokens, max_batch_size=args.max_batch_size,

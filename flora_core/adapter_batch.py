@@ -40,14 +40,8 @@ class SlotRows:
     slots: torch.Tensor  # [n] long: the slot of each of those tokens
     segments: tuple[Segment, ...]  # host-side runs over token_index, one per distinct slot
     covers_all_tokens: bool  # n == T and token_index == arange(T): gathers can be skipped
-
-    @property
-    def num_tokens(self) -> int:
-        return self.token_index.shape[0]
-
-    @property
-    def distinct_slots(self) -> tuple[int, ...]:
-        return tuple(segment.slot for segment in self.segments)
+    num_tokens: int  # n
+    distinct_slots: tuple[int, ...]  # the slots of the segments, in order (read by every layer)
 
 
 @dataclass(frozen=True)
@@ -118,4 +112,6 @@ def _slot_rows(mask: torch.Tensor, token_slot: torch.Tensor, device: torch.devic
         slots=slots.to(device),
         segments=tuple(segments),
         covers_all_tokens=covers_all,
+        num_tokens=token_index.shape[0],
+        distinct_slots=tuple(segment.slot for segment in segments),
     )

@@ -7,8 +7,8 @@ streaming consumer uses the deltas and a blocking one keeps the last output only
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Literal, Sequence
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -76,3 +76,24 @@ class EngineStats:
     failed: int  # requests that ended with "error"
     kv_tokens: int  # rows x columns of the running batch's KV cache, left padding included
     pinned_adapters: int  # distinct adapters pinned in the pool (AdapterPool.stats().pinned)
+
+
+def merge_outputs(outputs: Sequence[RequestOutput]) -> RequestOutput:
+    """One output standing for consecutive outputs of one request (a stream that fell behind).
+
+    The result is the last output (its whole-request state, `finished` and timings) with the
+    deltas of all of them joined, so a consumer of deltas sees the same text, token ids and
+    logprobs as it would have from each output in turn.
+    """
+    if not outputs:
+        raise ValueError("merge_outputs needs at least one output")
+    last = outputs[-1]
+    if len(outputs) == 1:
+        return last
+    if any(o.request_id != last.request_id for o in outputs):
+        raise ValueError("merge_outputs takes outputs of one request; group them by request_id first")
+    logprobs = None
+    if last.delta_logprobs is not None:
+        logprobs = tuple(item for o in outputs for item in (o.delta_logprobs or ()))
+    return replace(last, delta_token_ids=tuple(t for o in outputs for t in o.delta_token_ids),
+                   delta_text="".join(o.delta_text for o in outputs), delta_logprobs=logprobs)

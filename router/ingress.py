@@ -239,28 +239,38 @@ class FloraIngress:
                 for request in requests:
                     self._replica_of[request.request_id] = item
                 continue
-            batch = []
+            batch, newly_done = [], False
             for i, events in enumerate(item):
                 batch.append(StopIteration if done[i] else events)
-                done[i] = done[i] or any(event.finished for event in events)
+                if not done[i] and any(event.finished for event in events):
+                    done[i] = newly_done = True
             yield batch
+            if newly_done and not all(done):
+                # End the finished requests' streams now rather than at the batch's next message:
+                # their readers wait for this end (see _outputs), the others get no events.
+                yield [StopIteration if d else [] for d in done]
         if not all(done):  # the stream ended early: its requests must not wait forever
             yield [StopIteration if d else [] for d in done]
 
     async def _outputs(self, job: ReplicaRequest) -> AsyncIterator[RequestOutput]:
-        """One request's outputs; ApiError if it failed; an abandoned stream aborts it on its replica."""
-        finished = False
+        """One request's outputs; ApiError if it failed; an abandoned stream aborts it on its replica.
+
+        After its last event the batch stream is read to its end (which follows at once): Serve's
+        batching has already made a future for the next item, and leaving it unread logs
+        "Future exception was never retrieved" for every request.
+        """
+        finished, failure = False, None
         try:
             async for events in self._dispatch(job):
                 for event in events:
                     if event.error is not None:
-                        finished = True
                         e = event.error
-                        raise ApiError(e.status, e.message, e.type, e.param)
-                    finished = event.output.finished
-                    yield event.output
-                    if finished:
-                        return
+                        finished, failure = True, ApiError(e.status, e.message, e.type, e.param)
+                    else:
+                        finished = event.output.finished
+                        yield event.output
+            if failure is not None:
+                raise failure
             if not finished:
                 raise ApiError(503, "the model replica stopped before finishing this request; retry",
                                "server_overloaded")
@@ -353,6 +363,7 @@ class FloraIngress:
         finally:
             for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # a stream cannot close while its pump reads it
             for stream, _ in started:
                 await stream.aclose()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import Counter
 from typing import AsyncIterator, Optional
 
@@ -22,6 +23,7 @@ from flora_core.adapter_root import AdapterRoot
 from flora_core.async_engine import AsyncEngine
 from flora_core.engine import Engine
 from flora_core.multi_adapter_model import MultiAdapterModel
+from flora_core.request_output import merge_outputs
 from router.errors import error_for_exception
 from router.messages import AdapterRef, ReplicaError, ReplicaEvent, ReplicaRequest
 from router.metrics import ReplicaMetrics
@@ -56,21 +58,32 @@ class FloraReplica:
     # ------------------------------------------------------------ serving
 
     async def generate_batch(self, requests: list[ReplicaRequest]) -> AsyncIterator[object]:
-        """Stream a batch: first this replica's id, then one list per step, entry i = request i's events."""
+        """Stream a batch: first this replica's id, then one list per message, entry i = request i's events.
+
+        A message goes out at most every `stream_interval_ms`: outputs a request made in between
+        are merged into one (flora_core.request_output.merge_outputs), so the ingress and proxy
+        handle one message per interval instead of one per engine step. A message never waits
+        when the previous one left longer than the interval ago (first tokens go out at once).
+        """
         yield self.replica_id
         events: asyncio.Queue[tuple[int, ReplicaEvent]] = asyncio.Queue()
         pumps = [asyncio.create_task(self._pump(i, request, events)) for i, request in enumerate(requests)]
+        loop = asyncio.get_running_loop()
+        interval_s, sent_at = self.settings.stream_interval_ms / 1e3, -math.inf
         remaining = len(requests)
         try:
             while remaining:
                 step: list[list[ReplicaEvent]] = [[] for _ in requests]
                 index, event = await events.get()
                 step[index].append(event)
+                if (wait_s := sent_at + interval_s - loop.time()) > 0:
+                    await asyncio.sleep(wait_s)
                 while not events.empty():
                     index, more = events.get_nowait()
                     step[index].append(more)
                 remaining -= sum(1 for per_request in step for e in per_request if e.finished)
-                yield step
+                sent_at = loop.time()
+                yield [_merged_events(per_request) for per_request in step]
         finally:
             for pump in pumps:  # a cancelled stream aborts whatever is still running
                 pump.cancel()
@@ -160,3 +173,11 @@ class FloraReplica:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+
+
+def _merged_events(events: list[ReplicaEvent]) -> list[ReplicaEvent]:
+    """One request's events of one message, its outputs merged into one (an error stays last)."""
+    outputs = [e.output for e in events if e.output is not None]
+    if len(outputs) < 2:
+        return events
+    return [ReplicaEvent(output=merge_outputs(outputs)), *(e for e in events if e.error is not None)]

@@ -37,6 +37,8 @@ class ReplicaSettings(BaseModel):
     max_adapters_per_step: Optional[int] = Field(None, description="Distinct adapters per running batch; None: "
                                                  "unlimited (EngineConfig.max_adapters_per_step).")
     torch_threads: int = Field(1, description="CPU threads for torch in this replica.")
+    stream_interval_ms: float = Field(50.0, ge=0, description="Least time between two messages of a batch's "
+                                      "stream; outputs in between are merged (0: one message per engine step).")
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]

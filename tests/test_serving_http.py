@@ -36,6 +36,7 @@ def app(adapter_root):
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     serve.run(build_app(app_args(adapter_root)), name="flora", route_prefix="/")
     serve.run(build_app(app_args(adapter_root, max_queued_requests=1)), name="small", route_prefix="/small")
+    serve.run(build_app(app_args(adapter_root, stream_interval_ms=1000)), name="merged", route_prefix="/merged")
     yield BASE_URL
     serve.shutdown()
     ray.shutdown()
@@ -87,6 +88,33 @@ def test_streamed_text_equals_the_whole_answer(app):
     for whole, streamed, chunks in with_client(each):
         assert streamed == whole
         assert chunks > 1
+
+
+def test_merged_stream_carries_every_token_and_logprob(app):
+    """stream_interval_ms=1000: tokens made within a second travel in one chunk, and nothing is lost."""
+
+    async def both(whole_client, merged_client, model):
+        kwargs = dict(model=model, prompt="merge=", max_tokens=24, temperature=0, logprobs=2,
+                      extra_body={"ignore_eos": True})
+        whole = (await whole_client.completions.create(**kwargs)).choices[0]
+        parts, tokens, logprobs = [], [], []
+        async for chunk in await merged_client.completions.create(**kwargs, stream=True):
+            parts.append(chunk.choices[0].text)
+            tokens += chunk.choices[0].logprobs.tokens
+            logprobs += chunk.choices[0].logprobs.token_logprobs
+        return whole, "".join(parts), tokens, logprobs, len(parts)
+
+    async def each(client):
+        async with openai.AsyncOpenAI(base_url=f"{BASE_URL}/merged/v1", api_key="unused", max_retries=0,
+                                      timeout=60) as merged_client:
+            return await asyncio.gather(*(both(client, merged_client, m)
+                                          for m in ["lora-r8", "flora-r2", "ia3-b", DEFAULT_MODEL_NAME]))
+
+    for whole, streamed, tokens, logprobs, chunks in with_client(each):
+        assert streamed == whole.text
+        assert tokens == whole.logprobs.tokens and len(tokens) == 24
+        assert logprobs == pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)
+        assert chunks < len(tokens)  # merged: 24 chunks would need a second per engine step
 
 
 def test_chat_completions_use_the_chat_template(app):
