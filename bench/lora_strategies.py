@@ -36,7 +36,7 @@ def time_call(fn, repeats: int) -> float:
 def run(d_model: int, rank: int, repeats: int, device: str) -> list[dict]:
     slots = 64
     lora_a = torch.randn(slots, rank, d_model, device=device) * 0.01
-    lora_b = torch.randn(slots, d_model, rank, device=device) * 0.01
+    lora_b = torch.randn(slots, rank, d_model, device=device) * 0.01
     results = []
     for rows, tokens_per_row in [(1, 1), (8, 1), (32, 1), (64, 1), (8, 16), (32, 4), (8, 128), (32, 128)]:
         for distinct in sorted({1, max(1, rows // 4), rows}):

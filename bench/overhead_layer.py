@@ -82,11 +82,11 @@ def paper_bmm_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
                    rank: int) -> torch.Tensor:
     """delta[i] = x[i] @ A[s_i].T @ B[s_i].T, one gathered adapter per ROW (the paper's bmm-LoRA).
 
-    x: [B, T, d_in]; lora_a: [S, R, d_in]; lora_b: [S, d_out, R]; row_slots: [B] long. Returns [B, T, d_out].
+    x: [B, T, d_in]; lora_a: [S, R, d_in]; lora_b: [S, R, d_out]; row_slots: [B] long. Returns [B, T, d_out].
     """
     a = lora_a[:, :rank].index_select(0, row_slots)  # [B, r, d_in]
-    b = lora_b[:, :, :rank].index_select(0, row_slots)  # [B, d_out, r]
-    return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+    b = lora_b[:, :rank].index_select(0, row_slots)  # [B, r, d_out]
+    return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b)
 
 
 class LayerBench:

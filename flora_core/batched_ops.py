@@ -25,18 +25,18 @@ def _gather_rows(x: torch.Tensor, rows: SlotRows) -> torch.Tensor:
 def lora_delta_bmm(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rows: SlotRows, rank: int
 ) -> torch.Tensor:
-    """delta[i] = lora_b[s_i] @ (lora_a[s_i] @ x[t_i]), one gathered adapter per token (paper App. B.1).
+    """delta[i] = (x[t_i] @ lora_a[s_i].T) @ lora_b[s_i], one gathered adapter per token (paper App. B.1).
 
-    x: [T, d_in]; lora_a: [S, R, d_in]; lora_b: [S, d_out, R] (LoRA scale folded in);
+    x: [T, d_in]; lora_a: [S, R, d_in]; lora_b: [S, R, d_out] (B transposed, LoRA scale folded in);
     rows: n tokens (t_i) with slots (s_i); rank: r <= R. Returns [n, d_out].
     """
     xs = _gather_rows(x, rows)  # [n, d_in]
     a = lora_a[:, :rank].index_select(0, rows.slots)  # [n, r, d_in]
-    b = lora_b[:, :, :rank].index_select(0, rows.slots)  # [n, d_out, r]
-    # Each token as a row vector times its transposed factors: 2-4x faster on the CPU than the
-    # column form bmm(a, x[..., None]) (bench/lora_strategies.py), the same math.
+    b = lora_b[:, :rank].index_select(0, rows.slots)  # [n, r, d_out]
+    # Each token as a row vector times its factors: 2-4x faster on the CPU than the column form
+    # bmm(a, x[..., None]) (bench/lora_strategies.py), the same math.
     hidden = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2))  # [n, 1, r]
-    return torch.bmm(hidden, b.transpose(1, 2)).squeeze(1)  # [n, d_out]
+    return torch.bmm(hidden, b).squeeze(1)  # [n, d_out]
 
 
 def lora_delta_grouped(
@@ -44,7 +44,7 @@ def lora_delta_grouped(
 ) -> torch.Tensor:
     """Same result as lora_delta_bmm, one pair of matmuls per distinct slot (the SGMV idea).
 
-    x: [T, d_in]; lora_a: [S, R, d_in]; lora_b: [S, d_out, R]; rows sorted by slot, cut in
+    x: [T, d_in]; lora_a: [S, R, d_in]; lora_b: [S, R, d_out]; rows sorted by slot, cut in
     segments; rank: r <= R. Returns [n, d_out].
     """
     xs = _gather_rows(x, rows)  # [n, d_in], grouped by slot
@@ -52,9 +52,9 @@ def lora_delta_grouped(
     for segment in rows.segments:
         x_seg = xs.narrow(0, segment.start, segment.length)  # [len, d_in]
         hidden = x_seg @ lora_a[segment.slot, :rank].t()  # [len, r]
-        pieces.append(hidden @ lora_b[segment.slot, :, :rank].t())  # [len, d_out]
+        pieces.append(hidden @ lora_b[segment.slot, :rank])  # [len, d_out]
     if not pieces:
-        return x.new_zeros(0, lora_b.shape[1])
+        return x.new_zeros(0, lora_b.shape[2])
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 

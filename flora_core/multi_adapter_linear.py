@@ -70,12 +70,13 @@ class MultiAdapterLinear(nn.Module):
         like = {"dtype": weight.dtype, "device": weight.device}
         n_lora, r_lora = capacity.lora_slots, capacity.lora_max_rank
         n_flora, r_flora = capacity.flora_slots, capacity.flora_max_rank
-        # Slot layout: dim 0 is the slot; ranks are zero-padded to the pool's maximum so that
-        # adapters of different ranks share one tensor. LoRA's scale is folded into lora_b and
-        # FLoRA's 1/r into flora_out. Free FLoRA slots hold the identity (rank 0 all-ones) and
+        # Slot layout: dim 0 is the slot, dim 1 the rank (zero-padded to the pool's maximum, so
+        # that adapters of different ranks share one tensor and a batch's rank prefix is
+        # contiguous); LoRA's B is stored transposed, [rank, d_out]. LoRA's scale is folded into
+        # lora_b and FLoRA's 1/r into flora_out. Free FLoRA slots hold the identity (rank 0 all-ones) and
         # free IA3 slots hold ones, so a slot that does not target this layer leaves it unchanged.
         self.register_buffer("lora_a", torch.zeros(n_lora, r_lora, self.d_in, **like), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(n_lora, self.d_out, r_lora, **like), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(n_lora, r_lora, self.d_out, **like), persistent=False)
         self.register_buffer("flora_in", torch.zeros(n_flora, r_flora, self.d_in, **like), persistent=False)
         self.register_buffer("flora_out", torch.zeros(n_flora, r_flora, self.d_out, **like), persistent=False)
         self.register_buffer("ia3_in", torch.ones(n_ia3 := capacity.ia3_slots, self.d_in, **like), persistent=False)
@@ -130,7 +131,7 @@ class MultiAdapterLinear(nn.Module):
         self._check_shape("lora A", weights.a, (r, self.d_in))
         self._check_shape("lora B", weights.b, (self.d_out, r))
         self.lora_a[slot, :r].copy_(weights.a)
-        self.lora_b[slot, :, :r].copy_(weights.b.to(torch.float32) * weights.scale)
+        self.lora_b[slot, :r].copy_(weights.b.to(torch.float32).t() * weights.scale)
         self.lora_rank[slot] = r
 
     def _write_flora(self, slot: int, weights: FloraModule | None) -> None:

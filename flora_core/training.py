@@ -73,7 +73,7 @@ def _gradient_masks(layer: MultiAdapterLinear) -> dict[str, torch.Tensor]:
     flora = rank_mask(layer.flora_rank, layer.flora_in.shape[1])
     to = {"device": layer.lora_a.device, "dtype": layer.lora_a.dtype}
     return {
-        "lora_a": lora[:, :, None].to(**to), "lora_b": lora[:, None, :].to(**to),
+        "lora_a": lora[:, :, None].to(**to), "lora_b": lora[:, :, None].to(**to),
         "flora_in": flora[:, :, None].to(**to), "flora_out": flora[:, :, None].to(**to),
         "ia3_in": torch.tensor(layer.ia3_in_active, **to)[:, None],
         "ia3_out": torch.tensor(layer.ia3_out_active, **to)[:, None],
@@ -124,7 +124,7 @@ class MultiAdapterTrainer:
         for layer_name, layer in self.model.layers.items():
             if spec.kind is AdapterKind.LORA and (r := layer.lora_rank[slot]):
                 modules[layer_name] = LoraModule(a=layer.lora_a[slot, :r].clone(), scale=spec.lora_scale,
-                                                 b=layer.lora_b[slot, :, :r] / spec.lora_scale)
+                                                 b=layer.lora_b[slot, :r].t() / spec.lora_scale)
             elif spec.kind is AdapterKind.FLORA and (r := layer.flora_rank[slot]):
                 modules[layer_name] = FloraModule(flora_in=layer.flora_in[slot, :r].clone(),
                                                   flora_out=layer.flora_out[slot, :r] * r)

@@ -39,9 +39,9 @@ def expected_slot(layer: MultiAdapterLinear, kind: AdapterKind, module) -> dict[
     """The slot tensors of `layer` for one module's weights (None: neutral), built by hand."""
     d_in, d_out, cap = layer.d_in, layer.d_out, layer.capacity
     if kind is LORA:
-        a, b = torch.zeros(cap.lora_max_rank, d_in), torch.zeros(d_out, cap.lora_max_rank)
+        a, b = torch.zeros(cap.lora_max_rank, d_in), torch.zeros(cap.lora_max_rank, d_out)  # B stored transposed
         if module is not None:
-            a[: module.rank], b[:, : module.rank] = module.a, module.b * module.scale
+            a[: module.rank], b[: module.rank] = module.a, (module.b * module.scale).t()
         return {"lora_a": a, "lora_b": b}
     if kind is FLORA:
         f_in, f_out = torch.zeros(cap.flora_max_rank, d_in), torch.zeros(cap.flora_max_rank, d_out)
