@@ -8,7 +8,7 @@ can gather them (bmm), walk them segment by segment (grouped), or scatter result
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import torch
@@ -42,6 +42,28 @@ class SlotRows:
     covers_all_tokens: bool  # n == T and token_index == arange(T): gathers can be skipped
     num_tokens: int  # n
     distinct_slots: tuple[int, ...]  # the slots of the segments, in order (read by every layer)
+    _subsets: dict = field(default_factory=dict, compare=False, repr=False)  # memo of subset()
+
+    def subset(self, slots: tuple[int, ...]) -> "SlotRows":
+        """The tokens of `slots` only (some of distinct_slots, in their order), still sorted by slot.
+
+        Memoized: every layer whose adapters split the same way reuses one subset per forward pass.
+        """
+        rows = self._subsets.get(slots)
+        if rows is None:
+            wanted = set(slots)
+            kept = [segment for segment in self.segments if segment.slot in wanted]
+            positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in kept]).to(self.slots.device)
+            segments, start = [], 0
+            for segment in kept:
+                segments.append(Segment(slot=segment.slot, start=start, length=segment.length))
+                start += segment.length
+            rows = SlotRows(token_index=self.token_index.index_select(0, positions),
+                            slots=self.slots.index_select(0, positions), segments=tuple(segments),
+                            covers_all_tokens=start == self.num_tokens and self.covers_all_tokens,
+                            num_tokens=start, distinct_slots=tuple(s.slot for s in segments))
+            self._subsets[slots] = rows
+        return rows
 
 
 @dataclass(frozen=True)

@@ -191,23 +191,47 @@ class MultiAdapterLinear(nn.Module):
         return weight.t() if isinstance(self.base_layer, Conv1D) else weight
 
     def _base_or_flora(self, tokens: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
-        """FLoRA tokens through W0 o M_s, every other token through the base layer. Returns [T, d_out]."""
-        rank = _batch_rank(self.flora_rank, batch.flora)
-        if rank == 0:
+        """FLoRA tokens through W0 o M_s, every other token through the base layer. Returns [T, d_out].
+
+        FLoRA costs one GEMM row per token and rank, so tokens are grouped by their adapter's rank
+        in this layer: a rank-1 adapter beside a rank-8 one is not computed at rank 8.
+        """
+        groups = _flora_rank_groups(self.flora_rank, batch.flora)
+        if not groups:
             return self.base_layer(tokens)
-        flora_y = flora_matmul(tokens, self._weight_out_in(), self.flora_in, self.flora_out, batch.flora, rank)
-        if self.base_layer.bias is not None:
-            flora_y = flora_y + self.base_layer.bias
-        if batch.flora.covers_all_tokens:
-            return flora_y
+        y = None if batch.flora.covers_all_tokens and len(groups) == 1 else tokens.new_empty(tokens.shape[0], self.d_out)
+        for rank, slots in groups.items():
+            rows = batch.flora if len(groups) == 1 else batch.flora.subset(slots)
+            flora_y = flora_matmul(tokens, self._weight_out_in(), self.flora_in, self.flora_out, rows, rank)
+            if self.base_layer.bias is not None:
+                flora_y = flora_y + self.base_layer.bias
+            if y is None:
+                return flora_y
+            y = y.index_copy(0, rows.token_index, flora_y)
+        if batch.flora.num_tokens == tokens.shape[0]:
+            return y
         base_y = self.base_layer(tokens.index_select(0, batch.non_flora_index))
-        y = tokens.new_empty(tokens.shape[0], self.d_out)
-        return y.index_copy(0, batch.flora.token_index, flora_y).index_copy(0, batch.non_flora_index, base_y)
+        return y.index_copy(0, batch.non_flora_index, base_y)
 
 
 def _batch_rank(slot_ranks: list[int], rows: SlotRows) -> int:
     """The largest rank, in this layer, among the slots the batch uses (0: none targets it)."""
     return max((slot_ranks[slot] for slot in rows.distinct_slots), default=0)
+
+
+def _flora_rank_groups(slot_ranks: list[int], rows: SlotRows) -> dict[int, tuple[int, ...]]:
+    """The batch's FLoRA slots by the rank to compute them with in this layer; {} if none targets it.
+
+    A slot whose adapter does not target this layer (rank 0) holds the identity at rank index 0,
+    so it joins the rank-1 group and gets exactly W0 x.
+    """
+    ranks = [slot_ranks[slot] for slot in rows.distinct_slots]
+    if not any(ranks):
+        return {}
+    groups: dict[int, list[int]] = {}
+    for slot, rank in zip(rows.distinct_slots, ranks):
+        groups.setdefault(max(rank, 1), []).append(slot)
+    return {rank: tuple(slots) for rank, slots in groups.items()}
 
 
 def _any_active(active: list[bool], rows: SlotRows) -> bool:

@@ -251,3 +251,19 @@ def test_model_mixed_batch_matches_merged_models(arch):
     # Outside the scope the patched model is the base model again, bit for bit.
     with torch.no_grad():
         assert torch.equal(model(input_ids=input_ids).logits, base(input_ids=input_ids).logits)
+
+
+def test_flora_tokens_are_computed_at_their_own_rank():
+    """Grouping by rank: rank-1 adapters beside a rank-8 one are not padded to rank 8, and a slot
+    that does not target the layer (rank 0, the identity) joins the rank-1 group."""
+    slot_ranks = [1, 8, 0, 1, 4]
+    batch = AdapterBatch.from_rows([AdapterSlot(AdapterKind.FLORA, s) for s in [3, 1, 0, 2, 3]], 2)
+    assert mal._flora_rank_groups(slot_ranks, batch.flora) == {1: (0, 2, 3), 8: (1,)}
+    assert mal._flora_rank_groups([0, 0, 0, 0, 0], batch.flora) == {}
+    subset = batch.flora.subset((0, 3))
+    # Rows 4 and 0 use slot 3, row 2 slot 0; tokens stay sorted by slot, then by position.
+    assert subset.token_index.tolist() == [4, 5, 0, 1, 8, 9]
+    assert subset.slots.tolist() == [0, 0, 3, 3, 3, 3]
+    assert [(s.slot, s.start, s.length) for s in subset.segments] == [(0, 0, 2), (3, 2, 4)]
+    assert subset.distinct_slots == (0, 3) and subset.num_tokens == 6 and not subset.covers_all_tokens
+    assert batch.flora.subset((0, 3)) is subset  # memoized for the other layers
