@@ -28,6 +28,7 @@ from router.replica import FloraReplica
 from router.settings import IngressSettings, ReplicaSettings
 
 MAX_POSITIONS_DEFAULT_CAP = 4096
+DEFAULT_AUTOSCALING = {"min_replicas": 1, "max_replicas": 4}
 
 
 class AppArgs(BaseModel):
@@ -74,7 +75,11 @@ class AppArgs(BaseModel):
     default_max_tokens: int = Field(16, description="max_tokens when a request leaves it out (OpenAI: 16).")
     max_batch_size: int = Field(32, description="@serve.batch: requests per dispatched batch at most.")
     batch_wait_timeout_s: float = Field(0.005, description="@serve.batch: how long a batch waits to fill.")
-    max_concurrent_batches: int = Field(8, description="@serve.batch: batches in flight at once per ingress.")
+    max_concurrent_batches: Optional[int] = Field(None, ge=1, description="@serve.batch: batches in flight at once "
+                                                  "per ingress. A batch stays in flight until its last request ends, "
+                                                  "so this caps the requests running at once; default max_running x "
+                                                  "replicas (max_replicas with autoscaling), which never leaves an "
+                                                  "engine short of requests.")
     max_queued_requests: int = Field(512, description="Requests in flight per ingress before 503.")
     enable_adapter_management: bool = Field(False, description="Enable POST /v1/adapters/load and /unload.")
     management_token: Optional[str] = Field(None, description="Bearer token the management API requires.")
@@ -102,6 +107,13 @@ def model_positions(model_dir: Path) -> int:
 
     config = AutoConfig.from_pretrained(model_dir).get_text_config()
     return int(getattr(config, "max_position_embeddings", MAX_POSITIONS_DEFAULT_CAP))
+
+
+def max_model_replicas(args: AppArgs) -> int:
+    """The most model replicas the app may run: num_replicas, or autoscaling's max_replicas."""
+    if args.num_replicas != "auto":
+        return args.num_replicas
+    return int((args.autoscaling_config or {}).get("max_replicas", DEFAULT_AUTOSCALING["max_replicas"]))
 
 
 def management_token(args: AppArgs) -> Optional[str]:
@@ -141,7 +153,8 @@ def resolve(args: AppArgs) -> tuple[ReplicaSettings, IngressSettings]:
     ingress = IngressSettings(
         model_path=str(model_dir), served_model_name=name, adapter_dir=adapter_dir, max_model_len=max_model_len,
         default_max_tokens=args.default_max_tokens, max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s, max_concurrent_batches=args.max_concurrent_batches,
+        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        max_concurrent_batches=args.max_concurrent_batches or args.max_running * max_model_replicas(args),
         max_queued_requests=args.max_queued_requests, enable_adapter_management=args.enable_adapter_management,
         management_token=management_token(args), max_adapter_bytes=args.max_adapter_bytes,
         max_prompt_chars=args.max_prompt_chars)
@@ -161,7 +174,7 @@ def build_app(args: dict) -> Application:
     """Build the flora-serve application from `args` (validated as AppArgs)."""
     app_args = AppArgs.model_validate(args or {})
     replica_settings, ingress_settings = resolve(app_args)
-    scaling = ({"autoscaling_config": app_args.autoscaling_config or {"min_replicas": 1, "max_replicas": 4}}
+    scaling = ({"autoscaling_config": app_args.autoscaling_config or DEFAULT_AUTOSCALING}
                if app_args.num_replicas == "auto" else {"num_replicas": app_args.num_replicas})
     replica = serve.deployment(FloraReplica, name="FloraReplica").options(
         ray_actor_options={"num_cpus": app_args.replica_num_cpus, "num_gpus": app_args.replica_num_gpus},
