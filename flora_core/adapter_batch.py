@@ -76,6 +76,10 @@ class AdapterBatch:
     ia3: SlotRows
     non_flora_index: torch.Tensor  # [T - n_flora] long: tokens that take the base layer's path
 
+    @property
+    def has_adapter_tokens(self) -> bool:
+        return bool(self.lora.num_tokens or self.flora.num_tokens or self.ia3.num_tokens)
+
     def rows(self, kind: AdapterKind) -> SlotRows:
         return {AdapterKind.LORA: self.lora, AdapterKind.FLORA: self.flora, AdapterKind.IA3: self.ia3}[kind]
 
