@@ -24,6 +24,8 @@ from flora_core.multi_adapter_model import MultiAdapterModel
 from flora_core.patching import TargetModules, matches_target
 
 DEFAULT_FEEDFORWARD = ("down_proj", "mlp.c_proj", "fc2")
+SLOT_BUFFER_KIND = {"lora_a": AdapterKind.LORA, "lora_b": AdapterKind.LORA, "flora_in": AdapterKind.FLORA,
+                    "flora_out": AdapterKind.FLORA, "ia3_in": AdapterKind.IA3, "ia3_out": AdapterKind.IA3}
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,20 @@ def init_adapter(spec: AdapterSpec, layers: Mapping[str, MultiAdapterLinear], ge
     return AdapterWeights(kind=spec.kind, modules=modules)
 
 
+def _learning_rates(lr: float | Mapping[AdapterKind, float], kinds: set[AdapterKind]) -> dict[AdapterKind, float]:
+    """The learning rate of each kind trained; ValueError naming what is missing or invalid."""
+    rates = dict(lr) if isinstance(lr, Mapping) else {kind: lr for kind in kinds}
+    missing = sorted(kind.value for kind in kinds - set(rates))
+    if missing:
+        raise ValueError(f"lr has no rate for {missing}, which the specs train; add them to the lr mapping "
+                         "or pass one float for every kind")
+    for kind, rate in rates.items():
+        if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate >= 0):
+            raise ValueError(f"lr[{kind.value if isinstance(kind, AdapterKind) else kind!r}]={rate!r}: "
+                             "use a finite number >= 0")
+    return rates
+
+
 def _gradient_masks(layer: MultiAdapterLinear) -> dict[str, torch.Tensor]:
     """Per slot tensor, 1 where training may change it: real ranks of targeted slots, active IA3."""
     def rank_mask(ranks: list[int], width: int) -> torch.Tensor:  # [S, R]
@@ -81,26 +97,32 @@ def _gradient_masks(layer: MultiAdapterLinear) -> dict[str, torch.Tensor]:
 
 
 class MultiAdapterTrainer:
-    """Trains several new adapters at once on minibatches that mix their rows."""
+    """Trains several new adapters at once on minibatches that mix their rows.
 
-    def __init__(self, model: MultiAdapterModel, specs: Mapping[str, AdapterSpec], lr: float = 1e-3, seed: int = 0):
+    lr: one learning rate, or one per adapter kind (FLoRA's multiplicative factors often want a
+    different rate than LoRA's), e.g. {AdapterKind.LORA: 1e-4, AdapterKind.FLORA: 1e-3}.
+    """
+
+    def __init__(self, model: MultiAdapterModel, specs: Mapping[str, AdapterSpec],
+                 lr: float | Mapping[AdapterKind, float] = 1e-3, seed: int = 0):
         self.model = model
         self.specs = dict(specs)
+        rates = _learning_rates(lr, {spec.kind for spec in self.specs.values()})
         model.model.requires_grad_(False)
         generator = torch.Generator().manual_seed(seed)
         for name, spec in self.specs.items():
             model.add_adapter(name, init_adapter(spec, model.layers, generator))
         names = list(self.specs)
         self.slots: dict[str, AdapterSlot] = dict(zip(names, model.pool.acquire(names)))  # pinned while training
-        params = []
+        params: dict[AdapterKind, list[torch.Tensor]] = {}
         for layer in model.layers.values():
             for buffer_name, mask in _gradient_masks(layer).items():
                 tensor = getattr(layer, buffer_name)
                 if tensor.numel() and mask.any():
                     tensor.requires_grad_(True)
                     tensor.register_hook(lambda grad, mask=mask: grad * mask)
-                    params.append(tensor)
-        self.optimizer = torch.optim.Adam(params, lr=lr)
+                    params.setdefault(SLOT_BUFFER_KIND[buffer_name], []).append(tensor)
+        self.optimizer = torch.optim.Adam([{"params": tensors, "lr": rates[kind]} for kind, tensors in params.items()])
 
     def step(self, input_ids: torch.Tensor, labels: torch.Tensor, adapter_names: Sequence[str],
              attention_mask: torch.Tensor | None = None) -> float:

@@ -147,28 +147,8 @@ def build_trainer(
 ) -> MultiAdapterTrainer:
     """The frozen embedded model with fresh adapters for `specs`, in one trainer, one lr per kind."""
     model = MultiAdapterModel.from_pretrained(model_dir, capacity=DEMO_CAPACITY)
-    trainer = MultiAdapterTrainer(model, specs, lr=settings.lr_flora, seed=settings.seed)
-    use_lr_per_kind(trainer, {AdapterKind.LORA: settings.lr_lora, AdapterKind.FLORA: settings.lr_flora,
-                              AdapterKind.IA3: settings.lr_ia3})
-    return trainer
-
-
-def use_lr_per_kind(trainer: MultiAdapterTrainer, lrs: dict[AdapterKind, float]) -> None:
-    """Give each adapter kind its own learning rate, before the first step.
-
-    MultiAdapterTrainer takes one lr, but LoRA wants about 10x less than FLoRA and IA3 about 4x
-    more (see the README). Each trained slot tensor (lora_a, flora_in, ia3_out, ...) belongs to one
-    kind, so the trainer's single Adam group splits into one group per kind. Drop this once the
-    trainer takes a learning rate per kind.
-    """
-    kind_of = {}
-    for layer in trainer.model.layers.values():
-        for buffer in ("lora_a", "lora_b", "flora_in", "flora_out", "ia3_in", "ia3_out"):
-            kind_of[id(getattr(layer, buffer))] = AdapterKind(buffer.split("_")[0])
-    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
-    assert not trainer.optimizer.state, "split the optimizer before the first step"
-    groups = [{"params": [p for p in params if kind_of[id(p)] is kind], "lr": lr} for kind, lr in lrs.items()]
-    trainer.optimizer = torch.optim.Adam([g for g in groups if g["params"]])
+    lrs = {AdapterKind.LORA: settings.lr_lora, AdapterKind.FLORA: settings.lr_flora, AdapterKind.IA3: settings.lr_ia3}
+    return MultiAdapterTrainer(model, specs, lr=lrs, seed=settings.seed)  # LoRA wants ~10x less than FLoRA
 
 
 def train(

@@ -114,3 +114,29 @@ def test_exported_adapter_reloads_to_the_same_function(name, tmp_path):
         got = served(input_ids, adapter_names=[name] * 2).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert load_adapter(tmp_path / name).kind is SPECS[name].kind
+
+
+def test_learning_rates_per_kind():
+    """lr per kind: a kind with rate 0 keeps its initial weights while the others learn."""
+    base = tiny_llama(0)
+    model = MultiAdapterModel(copy.deepcopy(base), capacity=SlotCapacity(lora_slots=1, lora_max_rank=4,
+                                                                         flora_slots=1, flora_max_rank=2, ia3_slots=0))
+    specs = {"shift1-lora": SPECS["shift1-lora"], "shift2-flora": SPECS["shift2-flora"]}
+    trainer = MultiAdapterTrainer(model, specs, lr={AdapterKind.LORA: 0.1, AdapterKind.FLORA: 0.0})
+    before = snapshot(trainer)
+    names = ["shift1-lora", "shift2-flora"] * 2
+    for step in range(3):
+        trainer.step(*task_batch(names, seed=step), adapter_names=names)
+    after = snapshot(trainer)
+    changed = {key.rsplit(".", 1)[-1] for key in before if not torch.equal(before[key], after[key])}
+    assert changed == {"lora_a", "lora_b"}
+
+
+@pytest.mark.parametrize(("lr", "message"), [({AdapterKind.LORA: 0.1}, r"no rate for \['flora'\]"),
+                                             (float("nan"), "finite number"), ({AdapterKind.LORA: -1.0,
+                                                                                AdapterKind.FLORA: 0.1}, "finite")])
+def test_learning_rates_are_checked(lr, message):
+    model = MultiAdapterModel(tiny_llama(0), capacity=SlotCapacity(lora_slots=1, flora_slots=1, ia3_slots=0))
+    specs = {"shift1-lora": SPECS["shift1-lora"], "shift2-flora": SPECS["shift2-flora"]}
+    with pytest.raises(ValueError, match=message):
+        MultiAdapterTrainer(model, specs, lr=lr)
