@@ -29,7 +29,7 @@ from router.catalog import CatalogSnapshot
 from router.errors import ApiError, bad_request, error_for_exception, error_for_status, overloaded, unknown_model
 from router.handle_api import GenerateChunk, GenerateRequest, GenerateResponse, GenerateUsage
 from router.messages import AdapterRef, ReplicaRequest
-from router.metrics import IngressMetrics
+from router.metrics import CLIENT_CLOSED, UNKNOWN_ADAPTER, IngressMetrics
 from router.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                              ChatDelta, ChatMessageOut, ChatStreamChoice, CompletionRequest, CompletionResponse,
                              LoadAdapterRequest, ModelCard, ModelList)
@@ -115,6 +115,10 @@ class FloraIngress:
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
+        with self._refusals_counted(body.model):
+            return await self._completions(body)
+
+    async def _completions(self, body: CompletionRequest):
         prompts = body.prompts()
         fmt.check_counts(body.n, len(prompts), MAX_CHOICES)
         if body.echo and body.logprobs is not None:
@@ -140,6 +144,10 @@ class FloraIngress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
+        with self._refusals_counted(body.model):
+            return await self._chat_completions(body)
+
+    async def _chat_completions(self, body: ChatCompletionRequest):
         fmt.check_counts(body.n, 1, MAX_CHOICES)
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
@@ -295,9 +303,7 @@ class FloraIngress:
     async def _run_all(self, jobs: list[ReplicaRequest], model: str) -> list[RequestOutput]:
         with self._admitted(len(jobs)):
             outputs = await asyncio.gather(*(self._last_output(job) for job in jobs))
-        for output in outputs:
-            self.metrics.record_request(model, 200, output.usage.completion_tokens,
-                                        output.timings.time_to_first_token)
+        self.metrics.record_request(self._metric_adapter(model), 200, outputs)
         return outputs
 
     async def _last_output(self, job: ReplicaRequest) -> RequestOutput:
@@ -372,6 +378,7 @@ class FloraIngress:
         completion_id, finals = f"cmpl-{uuid.uuid4().hex}", {}
 
         async def events() -> AsyncIterator[str]:
+            status = CLIENT_CLOSED
             try:
                 sent_echo = set()
                 async for index, output in self._merged(started):
@@ -384,15 +391,15 @@ class FloraIngress:
                 if body.stream_options and body.stream_options.include_usage:
                     usage = fmt.usage_of(list(finals.values()), prompt_lens)
                     yield fmt.sse(CompletionResponse(id=completion_id, model=body.model, choices=[], usage=usage))
+                status = 200
                 yield fmt.SSE_DONE
             except ApiError as error:
+                status = error.status
                 yield fmt.error_event(error)
                 yield fmt.SSE_DONE
             finally:
                 admission.close()
-                for output in finals.values():
-                    self.metrics.record_request(body.model, 200, output.usage.completion_tokens,
-                                                output.timings.time_to_first_token)
+                self.metrics.record_request(self._metric_adapter(body.model), status, finals.values())
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -404,6 +411,7 @@ class FloraIngress:
             return fmt.sse(ChatCompletionChunk(id=chat_id, model=body.model, choices=choices, usage=usage))
 
         async def events() -> AsyncIterator[str]:
+            status = CLIENT_CLOSED
             try:
                 yield chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                              for i in range(len(jobs))])
@@ -416,16 +424,33 @@ class FloraIngress:
                         finals[index] = output
                 if body.stream_options and body.stream_options.include_usage:
                     yield chunk([], fmt.usage_of(list(finals.values()), [prompt_len]))
+                status = 200
                 yield fmt.SSE_DONE
             except ApiError as error:
+                status = error.status
                 yield fmt.error_event(error)
                 yield fmt.SSE_DONE
             finally:
                 admission.close()
+                self.metrics.record_request(self._metric_adapter(body.model), status, finals.values())
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     # ------------------------------------------------------------------ helpers
+
+    @contextmanager
+    def _refusals_counted(self, model: str) -> Iterator[None]:
+        """Count a request refused before its answer starts (a 4xx or 503) in flora_requests_total."""
+        try:
+            yield
+        except ApiError as error:
+            self.metrics.record_request(self._metric_adapter(model), error.status)
+            raise
+
+    def _metric_adapter(self, model: str) -> str:
+        """The adapter tag: the name if it is served, else UNKNOWN_ADAPTER (clients pick `model`)."""
+        served = model == self.settings.served_model_name or (self._catalog and model in self._catalog.entries)
+        return model if served else UNKNOWN_ADAPTER
 
     async def _snapshot(self, refresh: bool = False) -> CatalogSnapshot:
         if refresh or self._catalog is None or time.monotonic() - self._catalog_at > CATALOG_TTL_S:

@@ -1,16 +1,23 @@
 """Prometheus metrics through Ray Serve's metrics API (scraped from every Ray node's metrics port).
 
-flora_requests_total{adapter}, flora_generated_tokens_total{adapter}, flora_batch_size,
+flora_requests_total{adapter, status}, flora_generated_tokens_total{adapter}, flora_batch_size,
 flora_batch_distinct_adapters, flora_time_to_first_token_seconds, flora_queue_length on the
-ingress; flora_pool_{hits,loads,evictions}, flora_engine_{running,waiting,kv_tokens} on replicas.
+ingress; flora_pool_{hits,loads,evictions,disk_reads}, flora_engine_{running,waiting,kv_tokens,pinned_adapters}
+on replicas. Ray exports each as ray_<name>. The adapter tag is a served name, the base model's, or
+UNKNOWN_ADAPTER for a name nobody serves (so clients cannot grow the tag's values without bound).
 """
 
 from __future__ import annotations
 
 from ray.serve import metrics
 
+from typing import Iterable
+
 from flora_core.pool_stats import PoolStats
-from flora_core.request_output import EngineStats
+from flora_core.request_output import EngineStats, RequestOutput
+
+UNKNOWN_ADAPTER = "(unknown)"
+CLIENT_CLOSED = 499  # the status a stream gets when its client goes away first (nginx's convention)
 
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -20,8 +27,8 @@ class IngressMetrics:
     """Counters and histograms recorded by the ingress for every request and dispatched batch."""
 
     def __init__(self) -> None:
-        self.requests = metrics.Counter("flora_requests_total", description="Requests by adapter and outcome.",
-                                        tag_keys=("adapter", "status"))
+        self.requests = metrics.Counter("flora_requests_total", description="HTTP requests by adapter and status "
+                                        "(499: the client left mid-stream).", tag_keys=("adapter", "status"))
         self.tokens = metrics.Counter("flora_generated_tokens_total", description="Generated tokens by adapter.",
                                       tag_keys=("adapter",))
         self.batch_size = metrics.Histogram("flora_batch_size", description="Requests per dispatched batch.",
@@ -37,12 +44,15 @@ class IngressMetrics:
         self.batch_size.observe(len(adapters))
         self.distinct.observe(len(set(adapters)))
 
-    def record_request(self, adapter: str, status: int, completion_tokens: int, ttft: float | None) -> None:
+    def record_request(self, adapter: str, status: int, outputs: Iterable[RequestOutput] = ()) -> None:
+        """One HTTP request's outcome, with the last output of each of its choices that finished."""
         self.requests.inc(tags={"adapter": adapter, "status": str(status)})
-        if completion_tokens:
-            self.tokens.inc(completion_tokens, tags={"adapter": adapter})
-        if ttft is not None:
-            self.ttft.observe(ttft, tags={"adapter": adapter})
+        outputs = list(outputs)
+        if tokens := sum(output.usage.completion_tokens for output in outputs):
+            self.tokens.inc(tokens, tags={"adapter": adapter})
+        for output in outputs:
+            if output.timings.time_to_first_token is not None:
+                self.ttft.observe(output.timings.time_to_first_token, tags={"adapter": adapter})
 
 
 class ReplicaMetrics:
