@@ -8,9 +8,8 @@ token t of a batch, the layer with that token's own adapter:
     IA3:   y_t = (W0 x_t + b0) o l,  or  W0 (x_t o l) + b0 for feed-forward modules (PEFT)
     none:  y_t = W0 x_t + b0          (the base layer itself)
 
-The per-call `AdapterBatch` is the `batch` keyword argument of forward, or else the one an
-`ActiveBatch` shared by a model's wrappers holds (set by patching's `adapter_batch_scope`);
-without either the layer is exactly the base layer.
+The per-call `AdapterBatch` arrives as the `batch` keyword argument of forward (see patching's
+`adapter_batch_scope`); without it the layer is exactly the base layer.
 """
 
 from __future__ import annotations
@@ -59,23 +58,12 @@ def linear_shape(layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"{type(layer).__name__} is not a linear layer (nn.Linear or Conv1D)")
 
 
-class ActiveBatch:
-    """The AdapterBatch of the forward pass in progress, one object shared by a model's wrappers:
-    a scope sets it once per pass instead of once per layer."""
-
-    __slots__ = ("batch",)
-
-    def __init__(self) -> None:
-        self.batch: AdapterBatch | None = None
-
-
 class MultiAdapterLinear(nn.Module):
     """A linear layer that applies each token's own adapter slot; see the module docstring."""
 
-    def __init__(self, base_layer: nn.Module, capacity: SlotCapacity, active: ActiveBatch | None = None) -> None:
+    def __init__(self, base_layer: nn.Module, capacity: SlotCapacity) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.active = ActiveBatch() if active is None else active
         self.d_in, self.d_out = linear_shape(base_layer)
         self.capacity = capacity
         weight = base_layer.weight
@@ -178,9 +166,7 @@ class MultiAdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor, batch: AdapterBatch | None = None) -> torch.Tensor:
         """x: [..., d_in] whose leading dims flatten to batch.num_tokens tokens. Returns [..., d_out]."""
         if batch is None:
-            batch = self.active.batch
-            if batch is None:
-                return self.base_layer(x)
+            return self.base_layer(x)
         tokens = x.reshape(-1, self.d_in)  # [T, d_in]
         if tokens.shape[0] != batch.num_tokens:
             raise ValueError(

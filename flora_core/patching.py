@@ -4,7 +4,7 @@ Targets follow PEFT's `target_modules` semantics: a string is a regex that must 
 module name; a list matches a name equal to an entry or ending in "." + entry; "all-linear"
 takes every linear layer but the output head. transformers' own code is never edited: modules
 are replaced with `setattr` on their parent, and each call's AdapterBatch reaches the wrappers
-through the `ActiveBatch` they share, set only inside `adapter_batch_scope`.
+as a forward keyword through hooks that live only inside `adapter_batch_scope`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from flora_core.adapter_batch import AdapterBatch
-from flora_core.multi_adapter_linear import ActiveBatch, MultiAdapterLinear, SlotCapacity, linear_shape
+from flora_core.multi_adapter_linear import MultiAdapterLinear, SlotCapacity, linear_shape
 
 ALL_LINEAR = "all-linear"
 TargetModules = str | Sequence[str]
@@ -81,15 +81,12 @@ def _example_names(model: nn.Module) -> list[str]:
 def patch_model(
     model: nn.Module, target_modules: TargetModules, capacity: SlotCapacity
 ) -> dict[str, MultiAdapterLinear]:
-    """Replace each target linear layer by a MultiAdapterLinear around it; returns them by name.
-
-    The wrappers share one ActiveBatch, which adapter_batch_scope sets for a forward pass.
-    """
-    layers, active = {}, ActiveBatch()
+    """Replace each target linear layer by a MultiAdapterLinear around it; returns them by name."""
+    layers = {}
     for name in find_target_layers(model, target_modules):
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = MultiAdapterLinear(getattr(parent, child_name), capacity, active)
+        wrapper = MultiAdapterLinear(getattr(parent, child_name), capacity)
         setattr(parent, child_name, wrapper)
         layers[name] = wrapper
     return layers
@@ -97,17 +94,21 @@ def patch_model(
 
 @contextmanager
 def adapter_batch_scope(layers: Iterable[MultiAdapterLinear], batch: AdapterBatch) -> Iterator[None]:
-    """Within the block, every forward of these layers uses `batch`; what was active before is
-    restored after. A batch with no adapter rows leaves the layers as the base layers.
+    """Within the block, every forward of these layers receives `batch=batch`; always undone after.
 
-    One scope at a time per model: the engine runs one forward pass at a time.
+    A batch with no adapter rows installs nothing: the layers run as the base layers. One scope
+    at a time per model: the engine runs one forward pass at a time.
     """
-    actives = list({id(layer.active): layer.active for layer in layers}.values())  # one per patched model
-    before = [active.batch for active in actives]
-    for active in actives:
-        active.batch = batch if batch.has_adapter_tokens else None
+    if not batch.has_adapter_tokens:
+        yield
+        return
+
+    def pass_batch(_module, args, kwargs):
+        return args, {**kwargs, "batch": batch}
+
+    handles = [layer.register_forward_pre_hook(pass_batch, with_kwargs=True) for layer in layers]
     try:
         yield
     finally:
-        for active, previous in zip(actives, before):
-            active.batch = previous
+        for handle in handles:
+            handle.remove()
