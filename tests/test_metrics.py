@@ -2,7 +2,8 @@
 
 Counts must equal what the clients saw: requests per adapter and status (refusals and streams
 included), generated tokens per adapter equal to the usage the answers reported, and the pool's
-loads. Ray exports every metric as ray_<name>, a moment after it is recorded, so the test polls.
+loads. Ray exports every metric as ray_<name>, a moment after it is recorded (a replica's gauges
+after its next batch ends), so the test polls until every value is in.
 """
 
 from __future__ import annotations
@@ -102,10 +103,10 @@ def test_request_token_and_pool_metrics_match_the_traffic(app):
                                      tag(UNKNOWN_ADAPTER, 404): 1, tag("lora-r8", 400): 1},
         "ray_flora_generated_tokens_total": {tag(name): float(count) for name, count in tokens.items()},
         "ray_flora_time_to_first_token_seconds_count": {tag("lora-r8"): 3, tag("flora-r1"): 2},
+        "ray_flora_pool_loads": {(): 2},  # lora-r8 and flora-r1 each went into a device slot once
     }
     samples = poll_until(expected)
     for name, want in expected.items():
         got = {labels: samples[name][labels] for labels in want}
         assert got == want, f"{name}: scraped {dict(samples[name])}"
-    assert samples["ray_flora_pool_loads"][()] >= 2  # lora-r8 and flora-r1 went into device slots
     assert not any("nobody-serves-this" in str(labels) for labels in samples["ray_flora_requests_total"])
