@@ -150,7 +150,11 @@ def test_repeated_replica_kills_under_load(app, references):
 
         async def under_load():
             traffic = asyncio.create_task(ask_all(app, cases, 48, concurrency=len(cases)))
-            await asyncio.sleep(1.0)
+            # Kill while requests run in the engine: after a fixed delay they may all be done.
+            def running() -> bool:
+                return any(s["engine"]["running"] for s in replica_stats("flora"))
+
+            await asyncio.to_thread(wait_until, running, 60, 0.02)
             kill_process(replica)
             return await traffic
 
