@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ import torch
 from bench import overhead_layer as ol
 from bench import overhead_model as om
 from bench.overhead_report import write_markdown, write_plots
+from bench.result_files import write_results
 from bench.timing import Timer, load_average, machine_info
 from flora_core.adapter_weights import AdapterKind
 
@@ -124,22 +124,22 @@ QUICK_GRID = Grid(
 )
 
 
-def layer_cases(grid: Grid, shape: str) -> list[ol.LayerCase]:
+def layer_cases(grid: Grid, shape: str) -> list[ol.OverheadCase]:
     cases = []
     shapes = [(b, 1) for b in grid.layer_decode_batches] + list(grid.layer_prefill.get(shape, ()))
     for batch, tokens in shapes:
         for distinct in distinct_counts(batch):
-            cases.append(ol.LayerCase(batch, tokens, distinct, LORA, 16, ol.LORA_IMPLS))
-            cases.append(ol.LayerCase(batch, tokens, distinct, FLORA, 1, ol.FLORA_IMPLS))
+            cases.append(ol.OverheadCase(batch, tokens, distinct, LORA, 16, ol.LORA_IMPLS))
+            cases.append(ol.OverheadCase(batch, tokens, distinct, FLORA, 1, ol.FLORA_IMPLS))
     b = SWEEP_BATCH
-    cases.append(ol.LayerCase(b, 1, b, LORA, 16, ("ours",), pool_rank=PADDED_POOL_RANK))
+    cases.append(ol.OverheadCase(b, 1, b, LORA, 16, ("ours",), pool_rank=PADDED_POOL_RANK))
     if grid.rank_sweep:
-        cases += [ol.LayerCase(b, 1, b, LORA, r, ol.LORA_IMPLS, pool_rank=r) for r in LORA_RANKS if r != 16]
-        cases += [ol.LayerCase(b, 1, b, FLORA, r, ol.FLORA_IMPLS) for r in FLORA_RANKS if r != 1]
+        cases += [ol.OverheadCase(b, 1, b, LORA, r, ol.LORA_IMPLS, pool_rank=r) for r in LORA_RANKS if r != 16]
+        cases += [ol.OverheadCase(b, 1, b, FLORA, r, ol.FLORA_IMPLS) for r in FLORA_RANKS if r != 1]
     return cases
 
 
-def model_cases(grid: Grid, model: str) -> list[om.ModelCase]:
+def model_cases(grid: Grid, model: str) -> list[ol.OverheadCase]:
     cases = []
     shapes = [(b, 1) for b in grid.model_decode_batches[model]] + list(grid.model_prefill[model])
     for batch, tokens in shapes:
@@ -149,14 +149,14 @@ def model_cases(grid: Grid, model: str) -> list[om.ModelCase]:
             if grid.model_loop_max_batch is not None and batch > grid.model_loop_max_batch:
                 lora_impls = tuple(i for i in lora_impls if i != "loop")
                 flora_impls = tuple(i for i in flora_impls if i != "loop")
-            cases.append(om.ModelCase(batch, tokens, distinct, LORA, 16, lora_impls))
-            cases.append(om.ModelCase(batch, tokens, distinct, FLORA, 1, flora_impls))
+            cases.append(ol.OverheadCase(batch, tokens, distinct, LORA, 16, lora_impls))
+            cases.append(ol.OverheadCase(batch, tokens, distinct, FLORA, 1, flora_impls))
     b = SWEEP_BATCH
-    cases.append(om.ModelCase(b, 1, b, LORA, 16, ("ours",), pool_rank=PADDED_POOL_RANK))
+    cases.append(ol.OverheadCase(b, 1, b, LORA, 16, ("ours",), pool_rank=PADDED_POOL_RANK))
     if grid.rank_sweep:
-        cases += [om.ModelCase(b, 1, b, LORA, r, ("ours", "grouped", "bmm"), pool_rank=r)
+        cases += [ol.OverheadCase(b, 1, b, LORA, r, ("ours", "grouped", "bmm"), pool_rank=r)
                   for r in LORA_RANKS if r != 16]
-        cases += [om.ModelCase(b, 1, b, FLORA, r, ("ours",)) for r in FLORA_RANKS if r != 1]
+        cases += [ol.OverheadCase(b, 1, b, FLORA, r, ("ours",)) for r in FLORA_RANKS if r != 1]
     return cases
 
 
@@ -244,12 +244,8 @@ def main() -> None:
     started = time.perf_counter()
     rows = run(grid, device, dtype)
     info |= {"load_average_after": load_average(), "seconds": round(time.perf_counter() - started)}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     result = {"machine": info, "command": command, "grid": asdict(grid), "ran": grid.describe(), "rows": rows}
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    write_markdown(result, args.out_dir / f"{stem}.md")
-    plots = write_plots(result, args.out_dir, stem)
-    print(f"wrote {args.out_dir / stem}.json, .md and {', '.join(p.name for p in plots)} in {info['seconds']} s")
+    write_results(result, args.out_dir, stem, write_markdown, write_plots)
 
 
 if __name__ == "__main__":

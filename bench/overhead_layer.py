@@ -34,8 +34,11 @@ FLORA_IMPLS = ("ours", "loop")
 
 
 @dataclass(frozen=True)
-class LayerCase:
-    """One batch shape: B rows of T tokens, row i with adapter i % D, all of one kind and rank."""
+class OverheadCase:
+    """One batch shape: B rows of T tokens, row i with adapter i % D, all of one kind and rank.
+
+    T = 1 is decode (at model level, over a KV cache); more is prefill. Layer and model benches share it.
+    """
 
     batch: int
     tokens_per_row: int
@@ -103,7 +106,7 @@ class LayerBench:
         self._written: dict[AdapterKind, int] = {}  # kind -> the rank its slots hold now
         self._peft: tuple[int, nn.Module] | None = None  # (rank, PEFT LoRA layer with max_distinct adapters)
 
-    def measure(self, case: LayerCase, timer: Timer) -> dict[str, float]:
+    def measure(self, case: OverheadCase, timer: Timer) -> dict[str, float]:
         """ms per implementation, plus "base"."""
         self._write_slots(case.kind, case.rank)
         x = torch.randn(case.batch, case.tokens_per_row, self.d_in, device=self.device, dtype=self.dtype)
@@ -112,7 +115,7 @@ class LayerBench:
                      for impl, (fn, strategy) in self._calls(case, x).items()}
             return timer.compare(calls)
 
-    def _calls(self, case: LayerCase, x: torch.Tensor) -> dict[str, tuple[Callable[[], object], str | None]]:
+    def _calls(self, case: OverheadCase, x: torch.Tensor) -> dict[str, tuple[Callable[[], object], str | None]]:
         flat = x.reshape(-1, self.d_in)
         row_slots = [AdapterSlot(case.kind, i % case.distinct) for i in range(case.batch)]
         batch = AdapterBatch.from_rows(row_slots, case.tokens_per_row, self.device)
@@ -134,7 +137,7 @@ class LayerBench:
                 raise ValueError(f"unknown implementation {impl!r}; use one of {LORA_IMPLS}")
         return calls
 
-    def _loop_call(self, case: LayerCase, flat: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def _loop_call(self, case: OverheadCase, flat: torch.Tensor) -> Callable[[], torch.Tensor]:
         """One layer call per adapter: gather its rows' tokens, run them, scatter the results back."""
         groups = []
         for slot in range(case.distinct):

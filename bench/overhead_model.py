@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from bench.overhead_layer import StrategySwitch, lora_strategy_switch
+from bench.overhead_layer import OverheadCase, StrategySwitch, lora_strategy_switch
 from bench.timing import Timer
 from flora_core.adapter_weights import AdapterKind, AdapterWeights, FloraModule, LoraModule
 from flora_core.default_model import default_model_dir
@@ -39,21 +38,6 @@ FLORA_IMPLS = ("ours", "loop")
 MODERATE_LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=32,
                       num_key_value_heads=4, head_dim=64, vocab_size=8192, max_position_embeddings=2048,
                       tie_word_embeddings=False)
-
-
-@dataclass(frozen=True)
-class ModelCase:
-    batch: int
-    tokens_per_row: int  # 1: decode over the KV cache; more: prefill
-    distinct: int
-    kind: AdapterKind
-    rank: int
-    impls: tuple[str, ...]
-    pool_rank: int = 16  # the LoRA slots' rank (zero-padded past `rank`), as SlotCapacity.lora_max_rank
-
-    @property
-    def phase(self) -> str:
-        return "decode" if self.tokens_per_row == 1 else "prefill"
 
 
 def build_base(name: str, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
@@ -124,7 +108,7 @@ class ModelBench:
         self._caches: dict[int, DynamicCache] = {}
         self.swap = LayerSwap(self.model)
 
-    def measure(self, case: ModelCase, timer: Timer) -> dict[str, float]:
+    def measure(self, case: OverheadCase, timer: Timer) -> dict[str, float]:
         """ms per implementation, plus "base"."""
         names = self._adapter_names(case.kind, case.rank, case.distinct)
         row_names = [names[i % case.distinct] for i in range(case.batch)]
@@ -160,7 +144,7 @@ class ModelBench:
 
         return forward
 
-    def _call(self, case: ModelCase, ids: torch.Tensor, forward: Callable[[dict], object], wrapped: bool = True):
+    def _call(self, case: OverheadCase, ids: torch.Tensor, forward: Callable[[dict], object], wrapped: bool = True):
         """(timed call, untimed setup) running `forward` on this case's inputs; the setup swaps the
         model's layers to the state the call needs (wrappers, or the originals for `base`) and
         resets the KV cache."""
@@ -175,7 +159,7 @@ class ModelBench:
 
         return lambda: forward({"input_ids": ids, "past_key_values": cache, "use_cache": True}), setup
 
-    def _loop_call(self, case: ModelCase, ids: torch.Tensor, row_slots):
+    def _loop_call(self, case: OverheadCase, ids: torch.Tensor, row_slots):
         """One forward per adapter group (rows i with i % D == g), each over a cache of its own."""
         groups = []
         for g in range(case.distinct):
@@ -238,7 +222,7 @@ class ModelBench:
                                             flora_out=1 + 0.1 * torch.randn(rank, d_out, generator=gen))
         return AdapterWeights(kind, modules)
 
-    def _peft_model(self, case: ModelCase) -> nn.Module:
+    def _peft_model(self, case: OverheadCase) -> nn.Module:
         """A PeftModel over the base copy holding adapters with the same weights as ours (by name)."""
         if case.kind is not AdapterKind.LORA:
             raise ValueError("PEFT's mixed batch is LoRA only here")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from transformers import AutoModelForCausalLM
 
 from bench.engine_load import build_engine, engine_closed_loop
 from bench.serving_load import Workload, closed_loop, poisson, summarize
+from bench.result_files import write_results
 from bench.serving_report import write_markdown, write_plots
 from bench.timing import load_average, machine_info
 from deploy.app import build_app
@@ -223,11 +223,7 @@ def main() -> None:
               "settings": settings, "app_args": app_args(Path("<tmp>"), False), "adapters": len(names),
               "apps": apps, "workload": asdict(Workload("default", ())), "results": results,
               "engine_only": engine_results}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    write_markdown(result, args.out_dir / f"{stem}.md")
-    plots = write_plots(result, args.out_dir, stem)
-    print(f"wrote {args.out_dir / stem}.json, .md and {', '.join(p.name for p in plots)} in {info['seconds']} s")
+    write_results(result, args.out_dir, stem, write_markdown, write_plots)
 
 
 if __name__ == "__main__":

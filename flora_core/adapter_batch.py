@@ -40,9 +40,12 @@ class SlotRows:
     slots: torch.Tensor  # [n] long: the slot of each of those tokens
     segments: tuple[Segment, ...]  # host-side runs over token_index, one per distinct slot
     covers_all_tokens: bool  # n == T and token_index == arange(T): gathers can be skipped
-    num_tokens: int  # n
     distinct_slots: tuple[int, ...]  # the slots of the segments, in order (read by every layer)
     _subsets: dict = field(default_factory=dict, compare=False, repr=False)  # memo of subset()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_index.shape[0]
 
     def subset(self, slots: tuple[int, ...]) -> "SlotRows":
         """The tokens of `slots` only (some of distinct_slots, in their order), still sorted by slot.
@@ -61,7 +64,7 @@ class SlotRows:
             rows = SlotRows(token_index=self.token_index.index_select(0, positions),
                             slots=self.slots.index_select(0, positions), segments=tuple(segments),
                             covers_all_tokens=start == self.num_tokens and self.covers_all_tokens,
-                            num_tokens=start, distinct_slots=tuple(s.slot for s in segments))
+                            distinct_slots=tuple(s.slot for s in segments))
             self._subsets[slots] = rows
         return rows
 
@@ -138,6 +141,5 @@ def _slot_rows(mask: torch.Tensor, token_slot: torch.Tensor, device: torch.devic
         slots=slots.to(device),
         segments=tuple(segments),
         covers_all_tokens=covers_all,
-        num_tokens=token_index.shape[0],
         distinct_slots=tuple(segment.slot for segment in segments),
     )

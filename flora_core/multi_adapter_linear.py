@@ -199,14 +199,15 @@ class MultiAdapterLinear(nn.Module):
         groups = _flora_rank_groups(self.flora_rank, batch.flora)
         if not groups:
             return self.base_layer(tokens)
-        y = None if batch.flora.covers_all_tokens and len(groups) == 1 else tokens.new_empty(tokens.shape[0], self.d_out)
+        y = None
         for rank, slots in groups.items():
             rows = batch.flora if len(groups) == 1 else batch.flora.subset(slots)
             flora_y = flora_matmul(tokens, self._weight_out_in(), self.flora_in, self.flora_out, rows, rank)
             if self.base_layer.bias is not None:
                 flora_y = flora_y + self.base_layer.bias
-            if y is None:
+            if rows.covers_all_tokens:  # one rank group holding every token, in order
                 return flora_y
+            y = tokens.new_empty(tokens.shape[0], self.d_out) if y is None else y
             y = y.index_copy(0, rows.token_index, flora_y)
         if batch.flora.num_tokens == tokens.shape[0]:
             return y

@@ -9,9 +9,9 @@ UNKNOWN_ADAPTER for a name nobody serves (so clients cannot grow the tag's value
 
 from __future__ import annotations
 
-from ray.serve import metrics
-
 from typing import Iterable
+
+from ray.serve import metrics
 
 from flora_core.pool_stats import PoolStats
 from flora_core.request_output import EngineStats, RequestOutput
