@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from bench.timing import Timer
-from flora_core import multi_adapter_linear
+from flora_core import layer_plan
 from flora_core.adapter_batch import AdapterBatch, AdapterSlot
 from flora_core.adapter_weights import AdapterKind, FloraModule, LoraModule
 from flora_core.multi_adapter_linear import MultiAdapterLinear, SlotCapacity
@@ -73,11 +73,11 @@ class StrategySwitch:
 def lora_strategy_switch() -> Iterator[StrategySwitch]:
     """Within the block pick_lora_strategy obeys the yielded switch (a bench-only patch, undone after)."""
     switch = StrategySwitch()
-    rule = multi_adapter_linear.pick_lora_strategy
+    rule = layer_plan.pick_lora_strategy
     def pick(rows, rank: int, width: int) -> str:
         return switch.name or rule(rows, rank, width)
 
-    with mock.patch.object(multi_adapter_linear, "pick_lora_strategy", pick):
+    with mock.patch.object(layer_plan, "pick_lora_strategy", pick):
         yield switch
 
 
@@ -122,7 +122,7 @@ class LayerBench:
         calls = {"base": (lambda: self.base(flat), None)}
         for impl in case.impls:
             if impl in ("ours", "grouped", "bmm"):
-                calls[impl] = (lambda: self.layer(flat, batch=batch), None if impl == "ours" else impl)
+                calls[impl] = (lambda: self._layer_step(flat, batch), None if impl == "ours" else impl)
             elif impl == "paper_bmm":
                 slots = torch.tensor([s.slot for s in row_slots], device=self.device)
                 calls[impl] = (lambda: self.base(x) + paper_bmm_lora(x, self.layer.lora_a, self.layer.lora_b, slots,
@@ -137,6 +137,11 @@ class LayerBench:
                 raise ValueError(f"unknown implementation {impl!r}; use one of {LORA_IMPLS}")
         return calls
 
+    def _layer_step(self, flat: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+        """The layer as in a fresh step: its plan for the batch is made anew (and obeys the strategy switch)."""
+        batch.layer_plans.clear()
+        return self.layer(flat, batch=batch)
+
     def _loop_call(self, case: OverheadCase, flat: torch.Tensor) -> Callable[[], torch.Tensor]:
         """One layer call per adapter: gather its rows' tokens, run them, scatter the results back."""
         groups = []
@@ -150,7 +155,7 @@ class LayerBench:
         def loop() -> torch.Tensor:
             out = flat.new_empty(flat.shape[0], self.d_out)
             for tokens, batch in groups:
-                out.index_copy_(0, tokens, self.layer(flat.index_select(0, tokens), batch=batch))
+                out.index_copy_(0, tokens, self._layer_step(flat.index_select(0, tokens), batch))
             return out
 
         return loop

@@ -78,6 +78,7 @@ class AdapterBatch:
     flora: SlotRows
     ia3: SlotRows
     non_flora_index: torch.Tensor  # [T - n_flora] long: tokens that take the base layer's path
+    layer_plans: dict = field(default_factory=dict, compare=False, repr=False)  # layer_plan's memo
 
     @property
     def has_adapter_tokens(self) -> bool:

@@ -109,23 +109,24 @@ def flora_matmul(
     rows: n tokens; rank: r <= R. Returns [n, d_out].
     """
     xs = _gather_rows(x, rows)  # [n, d_in]
+    if rank == 1:  # the common case in fewer ops: factors [n or 1, d]
+        factor_in, factor_out = _flora_factors(flora_in[:, 0], flora_out[:, 0], rows)
+        return F.linear(xs * factor_in, weight) * factor_out
     n, d_in = xs.shape
-    factor_in, factor_out = _flora_factors(flora_in, flora_out, rows, rank)  # [n or 1, r, d_in / d_out]
+    factor_in, factor_out = _flora_factors(flora_in[:, :rank], flora_out[:, :rank], rows)  # [n or 1, r, d]
     scaled = (factor_in * xs.unsqueeze(1)).reshape(n * rank, d_in)  # [n*r, d_in]
     projected = F.linear(scaled, weight).view(n, rank, -1)  # [n, r, d_out]
-    if rank == 1:
-        return projected.squeeze(1) * factor_out.squeeze(1)
     return (projected * factor_out).sum(dim=1)
 
 
 def _flora_factors(
-    flora_in: torch.Tensor, flora_out: torch.Tensor, rows: SlotRows, rank: int
+    flora_in: torch.Tensor, flora_out: torch.Tensor, rows: SlotRows
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's factors, [n, r, d]; [1, r, d] to broadcast when all tokens share one slot."""
+    """Each token's factors, [n, ...], from per-slot factors [S, ...]; [1, ...] (to broadcast) for one slot."""
     if len(rows.segments) == 1:
         slot = rows.segments[0].slot
-        return flora_in[slot : slot + 1, :rank], flora_out[slot : slot + 1, :rank]
-    return flora_in[:, :rank].index_select(0, rows.slots), flora_out[:, :rank].index_select(0, rows.slots)
+        return flora_in[slot : slot + 1], flora_out[slot : slot + 1]
+    return flora_in.index_select(0, rows.slots), flora_out.index_select(0, rows.slots)
 
 
 def ia3_scale(h: torch.Tensor, scales: torch.Tensor, rows: SlotRows) -> torch.Tensor:

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from flora_core.adapter_batch import AdapterBatch, SlotRows
+from flora_core.adapter_batch import AdapterBatch
 from flora_core.adapter_weights import AdapterKind, FloraModule, Ia3Module, LoraModule, ModuleWeights
-from flora_core.batched_ops import LORA_STRATEGIES, flora_matmul, ia3_scale, pick_lora_strategy
+from flora_core.batched_ops import LORA_STRATEGIES, flora_matmul, ia3_scale
+from flora_core.layer_plan import LayerPlan, SlotTable, layer_plan
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,10 @@ class MultiAdapterLinear(nn.Module):
         self.register_buffer("flora_out", torch.zeros(n_flora, r_flora, self.d_out, **like), persistent=False)
         self.register_buffer("ia3_in", torch.ones(n_ia3 := capacity.ia3_slots, self.d_in, **like), persistent=False)
         self.register_buffer("ia3_out", torch.ones(n_ia3, self.d_out, **like), persistent=False)
-        # Host-side mirrors, read on every forward without a device sync: the rank each slot
-        # has in this layer (0 = the slot's adapter does not target it) and IA3's direction.
-        self.lora_rank = [0] * n_lora
-        self.flora_rank = [0] * n_flora
-        self.ia3_in_active = [False] * n_ia3
-        self.ia3_out_active = [False] * n_ia3
+        # Host-side mirror, read on every forward without a device sync: the rank each slot has
+        # in this layer (0 = the slot's adapter does not target it) and IA3's direction.
+        self.slot_table = SlotTable(lora_rank=(0,) * n_lora, flora_rank=(0,) * n_flora, ia3_in=(False,) * n_ia3,
+                                    ia3_out=(False,) * n_ia3, width=self.d_in + self.d_out)
         for slot in range(n_flora):
             self._write_flora(slot, None)
 
@@ -123,7 +122,7 @@ class MultiAdapterLinear(nn.Module):
     def _write_lora(self, slot: int, weights: LoraModule | None) -> None:
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
-        self.lora_rank[slot] = 0
+        self.slot_table = self.slot_table.replace_at("lora_rank", slot, 0)
         if weights is None:
             return
         r = weights.rank
@@ -132,12 +131,12 @@ class MultiAdapterLinear(nn.Module):
         self._check_shape("lora B", weights.b, (self.d_out, r))
         self.lora_a[slot, :r].copy_(weights.a)
         self.lora_b[slot, :r].copy_(weights.b.to(torch.float32).t() * weights.scale)
-        self.lora_rank[slot] = r
+        self.slot_table = self.slot_table.replace_at("lora_rank", slot, r)
 
     def _write_flora(self, slot: int, weights: FloraModule | None) -> None:
         self.flora_in[slot].zero_()
         self.flora_out[slot].zero_()
-        self.flora_rank[slot] = 0
+        self.slot_table = self.slot_table.replace_at("flora_rank", slot, 0)
         if weights is None:
             self.flora_in[slot, 0].fill_(1.0)
             self.flora_out[slot, 0].fill_(1.0)
@@ -148,18 +147,18 @@ class MultiAdapterLinear(nn.Module):
         self._check_shape("flora_out", weights.flora_out, (r, self.d_out))
         self.flora_in[slot, :r].copy_(weights.flora_in)
         self.flora_out[slot, :r].copy_(weights.flora_out.to(torch.float32) / r)
-        self.flora_rank[slot] = r
+        self.slot_table = self.slot_table.replace_at("flora_rank", slot, r)
 
     def _write_ia3(self, slot: int, weights: Ia3Module | None) -> None:
         self.ia3_in[slot].fill_(1.0)
         self.ia3_out[slot].fill_(1.0)
-        self.ia3_in_active[slot] = self.ia3_out_active[slot] = False
+        self.slot_table = self.slot_table.replace_at("ia3_in", slot, False).replace_at("ia3_out", slot, False)
         if weights is None:
             return
-        target, active = (self.ia3_in, self.ia3_in_active) if weights.on_input else (self.ia3_out, self.ia3_out_active)
+        target, direction = (self.ia3_in, "ia3_in") if weights.on_input else (self.ia3_out, "ia3_out")
         self._check_shape("ia3 scale", weights.scale, (target.shape[1],))
         target[slot].copy_(weights.scale)
-        active[slot] = True
+        self.slot_table = self.slot_table.replace_at(direction, slot, True)
 
     # ---------------------------------------------------------------- forward
 
@@ -173,15 +172,15 @@ class MultiAdapterLinear(nn.Module):
                 f"the layer got {tokens.shape[0]} tokens but the AdapterBatch describes {batch.num_tokens}; "
                 "build the AdapterBatch from the same input shape"
             )
-        if _any_active(self.ia3_in_active, batch.ia3):
+        plan = layer_plan(self.slot_table, batch)
+        if plan.ia3_in:
             tokens = ia3_scale(tokens, self.ia3_in, batch.ia3)
-        y = self._base_or_flora(tokens, batch)
-        lora_rank = _batch_rank(self.lora_rank, batch.lora)
-        if lora_rank:
-            strategy = LORA_STRATEGIES[pick_lora_strategy(batch.lora, lora_rank, self.d_in + self.d_out)]
-            delta = strategy(tokens, self.lora_a, self.lora_b, batch.lora, lora_rank)
+        y = self._base_or_flora(tokens, batch, plan)
+        if plan.lora_rank:
+            strategy = LORA_STRATEGIES[plan.lora_strategy]
+            delta = strategy(tokens, self.lora_a, self.lora_b, batch.lora, plan.lora_rank)
             y = y + delta if batch.lora.covers_all_tokens else y.index_add(0, batch.lora.token_index, delta)
-        if _any_active(self.ia3_out_active, batch.ia3):
+        if plan.ia3_out:
             y = ia3_scale(y, self.ia3_out, batch.ia3)
         return y.view(*x.shape[:-1], self.d_out)
 
@@ -190,18 +189,15 @@ class MultiAdapterLinear(nn.Module):
         weight = self.base_layer.weight
         return weight.t() if isinstance(self.base_layer, Conv1D) else weight
 
-    def _base_or_flora(self, tokens: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
-        """FLoRA tokens through W0 o M_s, every other token through the base layer. Returns [T, d_out].
+    def _base_or_flora(self, tokens: torch.Tensor, batch: AdapterBatch, plan: LayerPlan) -> torch.Tensor:
+        """FLoRA tokens through W0 o M_s (one pass per rank group), every other token through the base layer.
 
-        FLoRA costs one GEMM row per token and rank, so tokens are grouped by their adapter's rank
-        in this layer: a rank-1 adapter beside a rank-8 one is not computed at rank 8.
+        tokens: [T, d_in]. Returns [T, d_out].
         """
-        groups = _flora_rank_groups(self.flora_rank, batch.flora)
-        if not groups:
+        if not plan.flora_groups:
             return self.base_layer(tokens)
         y = None
-        for rank, slots in groups.items():
-            rows = batch.flora if len(groups) == 1 else batch.flora.subset(slots)
+        for rank, rows in plan.flora_groups:
             flora_y = flora_matmul(tokens, self._weight_out_in(), self.flora_in, self.flora_out, rows, rank)
             if self.base_layer.bias is not None:
                 flora_y = flora_y + self.base_layer.bias
@@ -213,27 +209,3 @@ class MultiAdapterLinear(nn.Module):
             return y
         base_y = self.base_layer(tokens.index_select(0, batch.non_flora_index))
         return y.index_copy(0, batch.non_flora_index, base_y)
-
-
-def _batch_rank(slot_ranks: list[int], rows: SlotRows) -> int:
-    """The largest rank, in this layer, among the slots the batch uses (0: none targets it)."""
-    return max((slot_ranks[slot] for slot in rows.distinct_slots), default=0)
-
-
-def _flora_rank_groups(slot_ranks: list[int], rows: SlotRows) -> dict[int, tuple[int, ...]]:
-    """The batch's FLoRA slots by the rank to compute them with in this layer; {} if none targets it.
-
-    A slot whose adapter does not target this layer (rank 0) holds the identity at rank index 0,
-    so it joins the rank-1 group and gets exactly W0 x.
-    """
-    ranks = [slot_ranks[slot] for slot in rows.distinct_slots]
-    if not any(ranks):
-        return {}
-    groups: dict[int, list[int]] = {}
-    for slot, rank in zip(rows.distinct_slots, ranks):
-        groups.setdefault(max(rank, 1), []).append(slot)
-    return {rank: tuple(slots) for rank, slots in groups.items()}
-
-
-def _any_active(active: list[bool], rows: SlotRows) -> bool:
-    return any(active[slot] for slot in rows.distinct_slots)

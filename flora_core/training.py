@@ -82,17 +82,17 @@ def _learning_rates(lr: float | Mapping[AdapterKind, float], kinds: set[AdapterK
 
 def _gradient_masks(layer: MultiAdapterLinear) -> dict[str, torch.Tensor]:
     """Per slot tensor, 1 where training may change it: real ranks of targeted slots, active IA3."""
-    def rank_mask(ranks: list[int], width: int) -> torch.Tensor:  # [S, R]
+    def rank_mask(ranks: tuple[int, ...], width: int) -> torch.Tensor:  # [S, R]
         return (torch.arange(width)[None, :] < torch.tensor(ranks)[:, None]).to(layer.lora_a.dtype)
 
-    lora = rank_mask(layer.lora_rank, layer.lora_a.shape[1])
-    flora = rank_mask(layer.flora_rank, layer.flora_in.shape[1])
+    lora = rank_mask(layer.slot_table.lora_rank, layer.lora_a.shape[1])
+    flora = rank_mask(layer.slot_table.flora_rank, layer.flora_in.shape[1])
     to = {"device": layer.lora_a.device, "dtype": layer.lora_a.dtype}
     return {
         "lora_a": lora[:, :, None].to(**to), "lora_b": lora[:, :, None].to(**to),
         "flora_in": flora[:, :, None].to(**to), "flora_out": flora[:, :, None].to(**to),
-        "ia3_in": torch.tensor(layer.ia3_in_active, **to)[:, None],
-        "ia3_out": torch.tensor(layer.ia3_out_active, **to)[:, None],
+        "ia3_in": torch.tensor(layer.slot_table.ia3_in, **to)[:, None],
+        "ia3_out": torch.tensor(layer.slot_table.ia3_out, **to)[:, None],
     }
 
 
@@ -144,14 +144,14 @@ class MultiAdapterTrainer:
         slot, spec = self.slots[name].slot, self.specs[name]
         modules = {}
         for layer_name, layer in self.model.layers.items():
-            if spec.kind is AdapterKind.LORA and (r := layer.lora_rank[slot]):
+            if spec.kind is AdapterKind.LORA and (r := layer.slot_table.lora_rank[slot]):
                 modules[layer_name] = LoraModule(a=layer.lora_a[slot, :r].clone(), scale=spec.lora_scale,
                                                  b=layer.lora_b[slot, :r].t() / spec.lora_scale)
-            elif spec.kind is AdapterKind.FLORA and (r := layer.flora_rank[slot]):
+            elif spec.kind is AdapterKind.FLORA and (r := layer.slot_table.flora_rank[slot]):
                 modules[layer_name] = FloraModule(flora_in=layer.flora_in[slot, :r].clone(),
                                                   flora_out=layer.flora_out[slot, :r] * r)
-            elif spec.kind is AdapterKind.IA3 and (layer.ia3_in_active[slot] or layer.ia3_out_active[slot]):
-                on_input = layer.ia3_in_active[slot]
+            elif spec.kind is AdapterKind.IA3 and (layer.slot_table.ia3_in[slot] or layer.slot_table.ia3_out[slot]):
+                on_input = layer.slot_table.ia3_in[slot]
                 scale = (layer.ia3_in if on_input else layer.ia3_out)[slot].clone()
                 modules[layer_name] = Ia3Module(scale=scale, on_input=on_input)
         return AdapterWeights(kind=spec.kind, modules=modules)

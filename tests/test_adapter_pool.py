@@ -219,8 +219,9 @@ def test_after_every_eviction_slots_and_outputs_are_neutral(patched, base_model)
     assert all(pool.evict(name) for name in pool.names())
     assert_all_neutral(layers)
     for layer in layers.values():
-        assert layer.lora_rank == [0, 0] and layer.flora_rank == [0, 0]
-        assert layer.ia3_in_active == [False, False] and layer.ia3_out_active == [False, False]
+        table = layer.slot_table
+        assert table.lora_rank == (0, 0) and table.flora_rank == (0, 0)
+        assert table.ia3_in == (False, False) and table.ia3_out == (False, False)
     with torch.no_grad(), adapter_batch_scope(layers.values(), batch):
         freed = model(input_ids=input_ids).logits
     torch.testing.assert_close(freed, base_logits, rtol=1e-5, atol=1e-5)

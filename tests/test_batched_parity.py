@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-import flora_core.multi_adapter_linear as mal
+import flora_core.layer_plan as layer_plan
 from flora_core.adapter_batch import AdapterBatch, AdapterSlot
 from flora_core.adapter_weights import AdapterKind, AdapterWeights, Ia3Module
 from flora_core.batched_ops import LORA_STRATEGIES
@@ -65,7 +65,7 @@ def reference_rows(layer: MultiAdapterLinear, adapters: list[AdapterWeights | No
     return torch.stack(rows) if rows else x.new_zeros(0, x.shape[1], D_OUT, dtype=torch.float64)
 
 
-def adapter_set(kinds: str, rank: int) -> list[AdapterWeights]:
+def adapter_set(kinds: str, rank: int, seed: int = 10) -> list[AdapterWeights]:
     """Four adapters on the module named "layer": of one kind, or LoRA/FLoRA/IA3 mixed."""
     shapes = {"layer": (D_IN, D_OUT)}
     order = {"lora": [AdapterKind.LORA] * 4, "flora": [AdapterKind.FLORA] * 4, "ia3": [AdapterKind.IA3] * 4,
@@ -73,7 +73,7 @@ def adapter_set(kinds: str, rank: int) -> list[AdapterWeights]:
     ranks = [rank, max(1, rank // 2), rank, 1]  # mixed ranks share one batch
     adapters = []
     for i, kind in enumerate(order):
-        adapter = random_adapter(kind, shapes, rank=ranks[i], seed=10 + i, strength=1.0)
+        adapter = random_adapter(kind, shapes, rank=ranks[i], seed=seed + i, strength=1.0)
         if kind is AdapterKind.IA3 and i % 2:  # feed-forward style input scaling
             adapter = AdapterWeights(kind, {"layer": Ia3Module(1 + torch.randn(D_IN), on_input=True)})
         adapters.append(adapter)
@@ -147,7 +147,7 @@ def test_layer_matches_per_row_reference(dtype, layer_type, kinds, rank, layout)
 @pytest.mark.parametrize("strategy", list(LORA_STRATEGIES))
 @pytest.mark.parametrize("layout", ["one_adapter_many_rows", "all_distinct", "interleaved", "with_base_rows"])
 def test_each_lora_strategy_matches_reference(monkeypatch, strategy, layout):
-    monkeypatch.setattr(mal, "pick_lora_strategy", lambda rows, rank, width: strategy)
+    monkeypatch.setattr(layer_plan, "pick_lora_strategy", lambda rows, rank, width: strategy)
     layer = make_layer("linear", torch.float32, CAPACITY)
     adapters = adapter_set("lora", 8)
     slots = load_into_slots(layer, adapters)
@@ -155,6 +155,35 @@ def test_each_lora_strategy_matches_reference(monkeypatch, strategy, layout):
     x = torch.randn(len(row_ids), TOKENS_PER_ROW, D_IN)
     ref = reference_rows(layer, [adapters[i] if i is not None else None for i in row_ids], x)
     assert_close_to_reference(run_layer(layer, slots, row_ids, x), ref, torch.float32)
+
+
+def flipped_ia3(adapter: AdapterWeights) -> AdapterWeights:
+    """A new IA3 adapter scaling the other side of the layer than `adapter` does."""
+    on_input = not adapter.modules["layer"].on_input
+    scale = 1 + torch.randn(D_IN if on_input else D_OUT)
+    return AdapterWeights(AdapterKind.IA3, {"layer": Ia3Module(scale, on_input=on_input)})
+
+
+@pytest.mark.parametrize("kinds", ["lora", "flora", "ia3"])
+def test_slot_rewrite_between_calls_of_one_batch_is_seen(kinds):
+    """A layer's plan is memoized in the batch, so reusing one batch after a slot write must still
+    apply the new adapter: a new rank (LoRA/FLoRA) or IA3 scaling the other side of the layer."""
+    layer = make_layer("linear", torch.float32, CAPACITY)
+    before = adapter_set(kinds, 2)
+    after = [flipped_ia3(a) for a in before] if kinds == "ia3" else adapter_set(kinds, 16, seed=20)
+    slots = load_into_slots(layer, before)
+    row_ids = [0, 2, 0, 2, 2]  # adapters 0 and 2: IA3 on the output side before, on the input after
+    batch = AdapterBatch.from_rows([slots[i] for i in row_ids], TOKENS_PER_ROW)
+    x = torch.randn(len(row_ids), TOKENS_PER_ROW, D_IN)
+    with torch.no_grad():
+        first = layer(x, batch=batch)
+        load_into_slots(layer, after)
+        second = layer(x, batch=batch)
+    ref_before = reference_rows(layer, [before[i] for i in row_ids], x)
+    ref_after = reference_rows(layer, [after[i] for i in row_ids], x)
+    assert_close_to_reference(first, ref_before, torch.float32)
+    assert_close_to_reference(second, ref_after, torch.float32)
+    assert_visible_effect(ref_after, ref_before, row_ids, torch.float32)
 
 
 def test_base_rows_get_exactly_the_base_layer_output():
@@ -258,8 +287,9 @@ def test_flora_tokens_are_computed_at_their_own_rank():
     that does not target the layer (rank 0, the identity) joins the rank-1 group."""
     slot_ranks = [1, 8, 0, 1, 4]
     batch = AdapterBatch.from_rows([AdapterSlot(AdapterKind.FLORA, s) for s in [3, 1, 0, 2, 3]], 2)
-    assert mal._flora_rank_groups(slot_ranks, batch.flora) == {1: (0, 2, 3), 8: (1,)}
-    assert mal._flora_rank_groups([0, 0, 0, 0, 0], batch.flora) == {}
+    groups = layer_plan._flora_rank_groups(slot_ranks, batch.flora)
+    assert [(rank, rows.distinct_slots) for rank, rows in groups] == [(1, (0, 2, 3)), (8, (1,))]
+    assert layer_plan._flora_rank_groups((0, 0, 0, 0, 0), batch.flora) == ()
     subset = batch.flora.subset((0, 3))
     # Rows 4 and 0 use slot 3, row 2 slot 0; tokens stay sorted by slot, then by position.
     assert subset.token_index.tolist() == [4, 5, 0, 1, 8, 9]

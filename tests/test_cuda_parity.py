@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-import flora_core.multi_adapter_linear as mal
+import flora_core.layer_plan as layer_plan
 from flora_core.adapter_batch import AdapterBatch, AdapterSlot
 from flora_core.adapter_weights import AdapterKind
 from flora_core.batched_ops import CUDA_BMM_MIN_DISTINCT, LORA_STRATEGIES, pick_lora_strategy
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layer_on_cuda_matches_reference(monkeypatch, strategy, dtype, kinds, rank, layout):
     if strategy != "rule":
-        monkeypatch.setattr(mal, "pick_lora_strategy", lambda rows, r, width: strategy)
+        monkeypatch.setattr(layer_plan, "pick_lora_strategy", lambda rows, r, width: strategy)
     reference_layer = make_layer("linear", dtype, CAPACITY)
     layer = copy.deepcopy(reference_layer).to(DEVICE)
     adapters = adapter_set(kinds, rank)

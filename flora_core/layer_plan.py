@@ -1,0 +1,81 @@
+"""What one wrapped layer computes for one batch, decided once per forward pass and shared.
+
+Every MultiAdapterLinear used to decide, on each call, which of the batch's slots target it and at
+which rank: a walk over the batch's distinct slots, five times per layer. Those decisions depend
+only on the layer's per-slot table (the rank of each slot in this layer, IA3's direction, the
+layer's width) and on the batch, so layers with equal tables (most of a model's layers) share one
+`LayerPlan`, memoized in the batch. A slot write builds a new table, hence a new key: a plan can
+never outlive the weights it was made for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from flora_core.adapter_batch import AdapterBatch, SlotRows
+from flora_core.batched_ops import pick_lora_strategy
+
+
+class SlotTable(NamedTuple):
+    """A layer's per-slot state, read on every forward; rebuilt (never mutated) by every slot write."""
+
+    lora_rank: tuple[int, ...]  # [lora slots]: the slot's rank in this layer, 0 = not targeted
+    flora_rank: tuple[int, ...]  # [flora slots]: likewise
+    ia3_in: tuple[bool, ...]  # [ia3 slots]: scales this layer's input (PEFT's feed-forward modules)
+    ia3_out: tuple[bool, ...]  # [ia3 slots]: scales this layer's output
+    width: int  # d_in + d_out, read by the LoRA strategy rule
+
+    def replace_at(self, field: str, slot: int, value: int | bool) -> "SlotTable":
+        """A copy with entry `slot` of `field` set to `value`."""
+        entries = list(getattr(self, field))
+        entries[slot] = value
+        return self._replace(**{field: tuple(entries)})
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer's work for one batch: IA3 on input/output, LoRA's rank and strategy, FLoRA's rank groups."""
+
+    ia3_in: bool  # some IA3 token scales this layer's input
+    ia3_out: bool  # ... or its output
+    lora_rank: int  # largest rank among the batch's LoRA slots in this layer; 0 = no LoRA work
+    lora_strategy: str | None  # a name in batched_ops.LORA_STRATEGIES when lora_rank > 0
+    flora_groups: tuple[tuple[int, SlotRows], ...]  # (rank, its tokens); () = no FLoRA slot targets it
+
+
+def layer_plan(table: SlotTable, batch: AdapterBatch) -> LayerPlan:
+    """The plan of a layer with this table for this batch, built on first use and memoized in the batch."""
+    plan = batch.layer_plans.get(table)
+    if plan is None:
+        plan = batch.layer_plans[table] = _build_plan(table, batch)
+    return plan
+
+
+def _build_plan(table: SlotTable, batch: AdapterBatch) -> LayerPlan:
+    lora_rank = max((table.lora_rank[slot] for slot in batch.lora.distinct_slots), default=0)
+    return LayerPlan(
+        ia3_in=any(table.ia3_in[slot] for slot in batch.ia3.distinct_slots),
+        ia3_out=any(table.ia3_out[slot] for slot in batch.ia3.distinct_slots),
+        lora_rank=lora_rank,
+        lora_strategy=pick_lora_strategy(batch.lora, lora_rank, table.width) if lora_rank else None,
+        flora_groups=_flora_rank_groups(table.flora_rank, batch.flora),
+    )
+
+
+def _flora_rank_groups(slot_ranks: tuple[int, ...], rows: SlotRows) -> tuple[tuple[int, SlotRows], ...]:
+    """The batch's FLoRA tokens by the rank to compute them with in this layer; () if none targets it.
+
+    FLoRA costs one GEMM row per token and rank, so a rank-1 adapter beside a rank-8 one is not
+    computed at rank 8. A slot whose adapter does not target this layer (rank 0) holds the identity
+    at rank index 0, so it joins the rank-1 group and gets exactly W0 x.
+    """
+    ranks = [slot_ranks[slot] for slot in rows.distinct_slots]
+    if not any(ranks):
+        return ()
+    groups: dict[int, list[int]] = {}
+    for slot, rank in zip(rows.distinct_slots, ranks):
+        groups.setdefault(max(rank, 1), []).append(slot)
+    if len(groups) == 1:
+        return ((next(iter(groups)), rows),)
+    return tuple((rank, rows.subset(tuple(slots))) for rank, slots in groups.items())
