@@ -1,11 +1,11 @@
 """What one wrapped layer computes for one batch, decided once per forward pass and shared.
 
-Every MultiAdapterLinear used to decide, on each call, which of the batch's slots target it and at
-which rank: a walk over the batch's distinct slots, five times per layer. Those decisions depend
-only on the layer's per-slot table (the rank of each slot in this layer, IA3's direction, the
-layer's width) and on the batch, so layers with equal tables (most of a model's layers) share one
-`LayerPlan`, memoized in the batch. A slot write builds a new table, hence a new key: a plan can
-never outlive the weights it was made for.
+Which of the batch's slots target a layer, at which rank, with which LoRA strategy and on which
+side IA3 scales depend only on the layer's per-slot table (each slot's rank in this layer, IA3's
+side, the layer's width) and on the batch. `layer_plan` makes that `LayerPlan` on a layer's first
+call and memoizes it in the batch under the table, so layers with equal tables (most of a
+model's layers) share one. A slot write builds a new table, hence a new key: a plan can never
+outlive the weights it was made for.
 """
 
 from __future__ import annotations

@@ -85,14 +85,15 @@ def _gradient_masks(layer: MultiAdapterLinear) -> dict[str, torch.Tensor]:
     def rank_mask(ranks: tuple[int, ...], width: int) -> torch.Tensor:  # [S, R]
         return (torch.arange(width)[None, :] < torch.tensor(ranks)[:, None]).to(layer.lora_a.dtype)
 
-    lora = rank_mask(layer.slot_table.lora_rank, layer.lora_a.shape[1])
-    flora = rank_mask(layer.slot_table.flora_rank, layer.flora_in.shape[1])
+    table = layer.slot_table
+    lora = rank_mask(table.lora_rank, layer.lora_a.shape[1])
+    flora = rank_mask(table.flora_rank, layer.flora_in.shape[1])
     to = {"device": layer.lora_a.device, "dtype": layer.lora_a.dtype}
     return {
         "lora_a": lora[:, :, None].to(**to), "lora_b": lora[:, :, None].to(**to),
         "flora_in": flora[:, :, None].to(**to), "flora_out": flora[:, :, None].to(**to),
-        "ia3_in": torch.tensor(layer.slot_table.ia3_in, **to)[:, None],
-        "ia3_out": torch.tensor(layer.slot_table.ia3_out, **to)[:, None],
+        "ia3_in": torch.tensor(table.ia3_in, **to)[:, None],
+        "ia3_out": torch.tensor(table.ia3_out, **to)[:, None],
     }
 
 
@@ -144,14 +145,15 @@ class MultiAdapterTrainer:
         slot, spec = self.slots[name].slot, self.specs[name]
         modules = {}
         for layer_name, layer in self.model.layers.items():
-            if spec.kind is AdapterKind.LORA and (r := layer.slot_table.lora_rank[slot]):
+            table = layer.slot_table
+            if spec.kind is AdapterKind.LORA and (r := table.lora_rank[slot]):
                 modules[layer_name] = LoraModule(a=layer.lora_a[slot, :r].clone(), scale=spec.lora_scale,
                                                  b=layer.lora_b[slot, :r].t() / spec.lora_scale)
-            elif spec.kind is AdapterKind.FLORA and (r := layer.slot_table.flora_rank[slot]):
+            elif spec.kind is AdapterKind.FLORA and (r := table.flora_rank[slot]):
                 modules[layer_name] = FloraModule(flora_in=layer.flora_in[slot, :r].clone(),
                                                   flora_out=layer.flora_out[slot, :r] * r)
-            elif spec.kind is AdapterKind.IA3 and (layer.slot_table.ia3_in[slot] or layer.slot_table.ia3_out[slot]):
-                on_input = layer.slot_table.ia3_in[slot]
+            elif spec.kind is AdapterKind.IA3 and (table.ia3_in[slot] or table.ia3_out[slot]):
+                on_input = table.ia3_in[slot]
                 scale = (layer.ia3_in if on_input else layer.ia3_out)[slot].clone()
                 modules[layer_name] = Ia3Module(scale=scale, on_input=on_input)
         return AdapterWeights(kind=spec.kind, modules=modules)
