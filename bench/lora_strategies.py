@@ -22,6 +22,11 @@ from flora_core.adapter_weights import AdapterKind
 from flora_core.batched_ops import LORA_STRATEGIES, pick_lora_strategy
 
 
+# (rows, tokens per row): decode, then prefill as the engine runs it (a few new prompts a step)
+# and as a large batch does.
+SHAPES = [(1, 1), (8, 1), (32, 1), (64, 1), (2, 16), (4, 24), (8, 24), (8, 16), (32, 4), (8, 128), (32, 128)]
+
+
 def time_call(fn, repeats: int) -> float:
     """Median seconds of fn() over repeats runs, after two warm-up calls."""
     fn(), fn()
@@ -38,8 +43,8 @@ def run(d_model: int, rank: int, repeats: int, device: str) -> list[dict]:
     lora_a = torch.randn(slots, rank, d_model, device=device) * 0.01
     lora_b = torch.randn(slots, rank, d_model, device=device) * 0.01
     results = []
-    for rows, tokens_per_row in [(1, 1), (8, 1), (32, 1), (64, 1), (8, 16), (32, 4), (8, 128), (32, 128)]:
-        for distinct in sorted({1, max(1, rows // 4), rows}):
+    for rows, tokens_per_row in SHAPES:
+        for distinct in sorted({1, min(2, rows), max(1, rows // 4), rows}):
             row_slots = [AdapterSlot(AdapterKind.LORA, i % distinct) for i in range(rows)]
             batch = AdapterBatch.from_rows(row_slots, tokens_per_row, device)
             x = torch.randn(batch.num_tokens, d_model, device=device)

@@ -5,7 +5,8 @@ the layer's output with each row's adapter:
 
 - `base`: the bare nn.Linear (no adapters): the denominator of every ratio.
 - `ours`: MultiAdapterLinear with its own choice of LoRA strategy (pick_lora_strategy).
-- `grouped`, `bmm`: MultiAdapterLinear with that strategy forced (bmm gathers A and B per TOKEN).
+- `grouped`, `bmm`: MultiAdapterLinear with that strategy forced (bmm gathers A and B per chunk:
+  per token at decode, per row or per run of rows of one adapter at prefill).
 - `paper_bmm`: the paper's baseline (App. B.1), A and B gathered per ROW and bmm over its tokens.
 - `peft`: PEFT's LoRA layer with D adapters loaded, called with `adapter_names=` (its mixed batch).
 - `loop`: one MultiAdapterLinear call per adapter group (the rows of one adapter at a time).

@@ -8,6 +8,7 @@ can gather them (bmm), walk them segment by segment (grouped), or scatter result
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -41,11 +42,18 @@ class SlotRows:
     segments: tuple[Segment, ...]  # host-side runs over token_index, one per distinct slot
     covers_all_tokens: bool  # n == T and token_index == arange(T): gathers can be skipped
     distinct_slots: tuple[int, ...]  # the slots of the segments, in order (read by every layer)
+    chunk_length: int  # L: the largest length that divides every segment's (1 if none)
+    chunk_slots: torch.Tensor  # [n / L] long: the slot of each run of L sorted tokens (one slot each)
     _subsets: dict = field(default_factory=dict, compare=False, repr=False)  # memo of subset()
 
     @property
     def num_tokens(self) -> int:
         return self.token_index.shape[0]
+
+    @property
+    def num_chunks(self) -> int:
+        """n / L: how many runs of chunk_length tokens the sorted tokens cut into."""
+        return self.num_tokens // self.chunk_length
 
     def subset(self, slots: tuple[int, ...]) -> "SlotRows":
         """The tokens of `slots` only (some of distinct_slots, in their order), still sorted by slot.
@@ -61,10 +69,11 @@ class SlotRows:
             for segment in kept:
                 segments.append(Segment(slot=segment.slot, start=start, length=segment.length))
                 start += segment.length
-            rows = SlotRows(token_index=self.token_index.index_select(0, positions),
-                            slots=self.slots.index_select(0, positions), segments=tuple(segments),
+            kept_slots = self.slots.index_select(0, positions)
+            rows = SlotRows(token_index=self.token_index.index_select(0, positions), slots=kept_slots,
+                            segments=tuple(segments),
                             covers_all_tokens=start == self.num_tokens and self.covers_all_tokens,
-                            distinct_slots=tuple(s.slot for s in segments))
+                            distinct_slots=tuple(s.slot for s in segments), **_chunks(segments, kept_slots))
             self._subsets[slots] = rows
         return rows
 
@@ -137,10 +146,22 @@ def _slot_rows(mask: torch.Tensor, token_slot: torch.Tensor, device: torch.devic
     covers_all = token_index.shape[0] == mask.shape[0] and bool(
         torch.equal(token_index, torch.arange(mask.shape[0]))
     )
+    slots = slots.to(device)
     return SlotRows(
         token_index=token_index.to(device),
-        slots=slots.to(device),
+        slots=slots,
         segments=tuple(segments),
         covers_all_tokens=covers_all,
         distinct_slots=tuple(segment.slot for segment in segments),
+        **_chunks(segments, slots),
     )
+
+
+def _chunks(segments: Sequence[Segment], slots: torch.Tensor) -> dict:
+    """chunk_length (gcd of the segments' lengths) and chunk_slots for SlotRows.
+
+    Every segment starts at a multiple of the gcd, so each run of L tokens lies in one segment:
+    a [B, S] batch cuts into (at least) one chunk per row, a decode batch into one per token or more.
+    """
+    length = math.gcd(*(segment.length for segment in segments)) or 1
+    return {"chunk_length": length, "chunk_slots": slots if length == 1 else slots[::length].contiguous()}

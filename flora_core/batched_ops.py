@@ -25,18 +25,22 @@ def _gather_rows(x: torch.Tensor, rows: SlotRows) -> torch.Tensor:
 def lora_delta_bmm(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rows: SlotRows, rank: int
 ) -> torch.Tensor:
-    """delta[i] = (x[t_i] @ lora_a[s_i].T) @ lora_b[s_i], one gathered adapter per token (paper App. B.1).
+    """delta[i] = (x[t_i] @ lora_a[s_i].T) @ lora_b[s_i], with one gathered adapter per chunk.
 
-    x: [T, d_in]; lora_a: [S, R, d_in]; lora_b: [S, R, d_out] (B transposed, LoRA scale folded in);
-    rows: n tokens (t_i) with slots (s_i); rank: r <= R. Returns [n, d_out].
+    The sorted tokens cut into C = n / L chunks of L tokens with one slot each (rows.chunk_length):
+    one per token at decode (paper App. B.1), one per row (or more) for a [B, S] prefill, so the
+    gather copies C factors, not n. x: [T, d_in]; lora_a: [S, R, d_in]; lora_b: [S, R, d_out]
+    (B transposed, LoRA scale folded in); rows: n tokens (t_i) with slots (s_i); rank: r <= R.
+    Returns [n, d_out].
     """
     xs = _gather_rows(x, rows)  # [n, d_in]
-    a = lora_a[:, :rank].index_select(0, rows.slots)  # [n, r, d_in]
-    b = lora_b[:, :rank].index_select(0, rows.slots)  # [n, r, d_out]
-    # Each token as a row vector times its factors: 2-4x faster on the CPU than the column form
+    chunks, length = rows.num_chunks, rows.chunk_length
+    a = lora_a[:, :rank].index_select(0, rows.chunk_slots)  # [C, r, d_in]
+    b = lora_b[:, :rank].index_select(0, rows.chunk_slots)  # [C, r, d_out]
+    # Tokens as row vectors times their factors: 2-4x faster on the CPU than the column form
     # bmm(a, x[..., None]) (bench/lora_strategies.py), the same math.
-    hidden = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2))  # [n, 1, r]
-    return torch.bmm(hidden, b).squeeze(1)  # [n, d_out]
+    hidden = torch.bmm(xs.reshape(chunks, length, -1), a.transpose(1, 2))  # [C, L, r]
+    return torch.bmm(hidden, b).reshape(rows.num_tokens, -1)  # [n, d_out]
 
 
 def lora_delta_grouped(
@@ -65,16 +69,18 @@ LORA_STRATEGIES: dict[str, LoraDeltaFn] = {
     "grouped": lora_delta_grouped,
 }
 
-# The rule, from bench/lora_strategies.py (README, Performance). bmm pays per token (it gathers
-# each token's A and B), grouped pays per adapter (two matmul calls each). On the CPU bmm wins
-# where adapters have few tokens each (decode) in layers up to 4096 wide (d_in + d_out) while the
-# gathered copies stay small, n * r * (d_in + d_out) <= 2**20 elements (a few MB, cache-sized):
-# 3-7x at the embedded model's widths. Wider, or with more tokens, copying the factors costs more
-# than the calls it saves and grouped wins (by up to 10x at d_model 4096, rank 16). On a GPU
-# grouped launches two kernels per adapter and bmm two in all, so bmm takes every decode batch of
-# 8 or more adapters: the paper's reasoning, still to be measured on a lent GPU.
-BMM_MAX_TOKENS_PER_SLOT = 2
-CPU_BMM_MIN_DISTINCT = 4
+# The rule, from bench/lora_strategies.py (README, Performance). bmm pays per chunk (it copies
+# each chunk's A and B), grouped pays per adapter (two matmul calls each). A batch with a single
+# adapter takes grouped (no copy at all); with more, bmm needs few chunks per adapter (decode,
+# or a [B, S] prefill: a chunk per row). On the CPU bmm then wins where its copies are no larger
+# than the activations they multiply (chunks of at least `rank` tokens: prefill, 1.1-2x) or stay
+# cache-sized in a layer up to 4096 wide (d_in + d_out), C * r * (d_in + d_out) <= 2**20 elements:
+# 3-5x at decode at the embedded model's widths. At decode in wider layers copying one token's
+# factors costs more than the calls it saves and grouped wins (by up to 7x at d_model 4096). On a
+# GPU grouped launches two kernels per adapter and bmm two in all, so bmm takes every batch of 8
+# or more adapters with few chunks each: the paper's reasoning, still to be measured on a GPU.
+BMM_MAX_CHUNKS_PER_SLOT = 2
+CPU_BMM_MIN_DISTINCT = 2
 CPU_BMM_MAX_WIDTH = 4096
 CPU_BMM_MAX_GATHERED = 2**20
 CUDA_BMM_MIN_DISTINCT = 8
@@ -86,11 +92,14 @@ def pick_lora_strategy(rows: SlotRows, rank: int, width: int) -> str:
     rows: the batch's LoRA tokens; rank: the rank computed with; width: the layer's d_in + d_out.
     """
     num_distinct = len(rows.segments)
-    few_tokens_per_slot = rows.num_tokens <= BMM_MAX_TOKENS_PER_SLOT * num_distinct
+    few_chunks_per_slot = rows.num_chunks <= BMM_MAX_CHUNKS_PER_SLOT * num_distinct
     if rows.token_index.device.type == "cuda":
-        return "bmm" if num_distinct >= CUDA_BMM_MIN_DISTINCT and few_tokens_per_slot else "grouped"
-    small_gather = width <= CPU_BMM_MAX_WIDTH and rows.num_tokens * rank * width <= CPU_BMM_MAX_GATHERED
-    return "bmm" if num_distinct >= CPU_BMM_MIN_DISTINCT and few_tokens_per_slot and small_gather else "grouped"
+        return "bmm" if num_distinct >= CUDA_BMM_MIN_DISTINCT and few_chunks_per_slot else "grouped"
+    if num_distinct < CPU_BMM_MIN_DISTINCT or not few_chunks_per_slot:
+        return "grouped"
+    long_chunks = rows.chunk_length >= rank
+    small_gather = width <= CPU_BMM_MAX_WIDTH and rows.num_chunks * rank * width <= CPU_BMM_MAX_GATHERED
+    return "bmm" if long_chunks or small_gather else "grouped"
 
 
 def flora_matmul(

@@ -8,6 +8,7 @@ to 64, every batch layout, fp32 and bf16, both LoRA strategies, and random compo
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 import flora_core.layer_plan as layer_plan
 from flora_core.adapter_batch import AdapterBatch, AdapterSlot
 from flora_core.adapter_weights import AdapterKind, AdapterWeights, Ia3Module
+import flora_core.batched_ops as batched_ops
 from flora_core.batched_ops import LORA_STRATEGIES
 from flora_core.multi_adapter_linear import MultiAdapterLinear, SlotCapacity
 from flora_core.patching import adapter_batch_scope, patch_model
@@ -157,6 +159,20 @@ def test_each_lora_strategy_matches_reference(monkeypatch, strategy, layout):
     assert_close_to_reference(run_layer(layer, slots, row_ids, x), ref, torch.float32)
 
 
+def test_cpu_rule_follows_the_measured_crossover():
+    """pick_lora_strategy on the CPU as bench/lora_strategies.py measured it (README, Performance)."""
+    def rows(slot_per_row: list[int], tokens_per_row: int | list[int]):
+        return AdapterBatch.from_rows([AdapterSlot(AdapterKind.LORA, s) for s in slot_per_row], tokens_per_row).lora
+
+    pick = batched_ops.pick_lora_strategy
+    assert pick(rows([0] * 32, 1), 16, 512) == "grouped"  # one adapter: no copy at all
+    assert pick(rows(list(range(32)), 1), 16, 512) == "bmm"  # decode, narrow layer
+    assert pick(rows(list(range(32)), 1), 16, 8192) == "grouped"  # decode, wide layer
+    assert pick(rows(list(range(8)), 128), 16, 8192) == "bmm"  # prefill: a chunk of 128 per row
+    assert pick(rows(list(range(32)), 4), 16, 8192) == "grouped"  # chunks shorter than the rank, wide
+    assert pick(rows([0, 1, 0, 1], [127, 128, 128, 128]), 16, 512) == "grouped"  # gcd 1: 511 chunks
+
+
 def flipped_ia3(adapter: AdapterWeights) -> AdapterWeights:
     """A new IA3 adapter scaling the other side of the layer than `adapter` does."""
     on_input = not adapter.modules["layer"].on_input
@@ -215,20 +231,11 @@ ADAPTER_POOL = [(AdapterKind.LORA, 1), (AdapterKind.LORA, 8), (AdapterKind.FLORA
                 (AdapterKind.IA3, 1), (AdapterKind.LORA, 64)]
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    rows=st.lists(st.tuples(st.one_of(st.none(), st.integers(0, len(ADAPTER_POOL) - 1)), st.integers(1, 4)),
-                  max_size=10),
-    seed=st.integers(0, 2**16),
-)
-def test_random_batch_compositions_match_reference(rows, seed):
-    torch.manual_seed(seed)
-    layer = make_layer("linear", torch.float32, CAPACITY)
-    adapters = [random_adapter(kind, {"layer": (D_IN, D_OUT)}, rank=r, seed=seed + i)
-                for i, (kind, r) in enumerate(ADAPTER_POOL)]
-    slots = load_into_slots(layer, adapters)
+def run_packed(layer, slots, adapters, rows, x=None) -> tuple[torch.Tensor, torch.Tensor, AdapterBatch]:
+    """A packed batch (rows = [(adapter id or None, token count)], back to back; x [T, d_in] or
+    random) through the layer, with its per-row reference: (output [T, d_out], reference, batch)."""
     counts = [n for _, n in rows]
-    x = torch.randn(sum(counts), D_IN)  # a packed batch: rows of different lengths back to back
+    x = torch.randn(sum(counts), D_IN) if x is None else x
     batch = AdapterBatch.from_rows([slots[i] if i is not None else None for i, _ in rows], counts)
     with torch.no_grad():
         out = layer(x, batch=batch)
@@ -238,7 +245,44 @@ def test_random_batch_compositions_match_reference(rows, seed):
         pieces.append(reference_rows(layer, [adapter], x[None, start:start + n])[0])
         start += n
     ref = torch.cat(pieces) if pieces else torch.zeros(0, D_OUT, dtype=torch.float64)
+    return out, ref, batch
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.one_of(st.none(), st.integers(0, len(ADAPTER_POOL) - 1)), st.integers(1, 4)),
+                  max_size=10),
+    seed=st.integers(0, 2**16),
+    strategy=st.sampled_from(["rule", *LORA_STRATEGIES]),
+)
+def test_random_batch_compositions_match_reference(rows, seed, strategy):
+    torch.manual_seed(seed)
+    layer = make_layer("linear", torch.float32, CAPACITY)
+    adapters = [random_adapter(kind, {"layer": (D_IN, D_OUT)}, rank=r, seed=seed + i)
+                for i, (kind, r) in enumerate(ADAPTER_POOL)]
+    slots = load_into_slots(layer, adapters)
+    rule = layer_plan.pick_lora_strategy
+    with mock.patch.object(layer_plan, "pick_lora_strategy",
+                           rule if strategy == "rule" else lambda rows, rank, width: strategy):
+        out, ref, _ = run_packed(layer, slots, adapters, rows)
     assert_close_to_reference(out, ref, torch.float32)
+
+
+def test_bmm_gathers_one_adapter_per_chunk_of_uneven_rows():
+    """Rows of 4, 2, 6 and 4 tokens: each slot's tokens cut into chunks of gcd(10, 2, 4) = 2, and
+    every chunk gets exactly its own adapter (rows of one adapter need not be neighbours)."""
+    layer = make_layer("linear", torch.float32, CAPACITY)
+    adapters = adapter_set("lora", 8)
+    slots = load_into_slots(layer, adapters)
+    rows = [(0, 4), (1, 2), (0, 6), (2, 4)]
+    x = torch.randn(16, D_IN)
+    with mock.patch.object(layer_plan, "pick_lora_strategy", lambda rows, rank, width: "bmm"):
+        out, ref, batch = run_packed(layer, slots, adapters, rows, x)
+    assert batch.lora.chunk_length == 2 and batch.lora.num_chunks == 8
+    assert batch.lora.chunk_slots.tolist() == [0, 0, 0, 0, 0, 1, 2, 2]
+    assert_close_to_reference(out, ref, torch.float32)
+    base_ref = run_packed(layer, slots, adapters, [(None, n) for _, n in rows], x)[1]
+    assert_visible_effect(ref, base_ref, [i for i, n in rows for _ in range(n)], torch.float32)
 
 
 def linear_shapes(layers) -> dict[str, tuple[int, int]]:

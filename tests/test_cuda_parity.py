@@ -53,14 +53,16 @@ def test_layer_on_cuda_matches_reference(monkeypatch, strategy, dtype, kinds, ra
     assert_visible_effect(ref, reference_rows(reference_layer, [None] * len(row_ids), x), row_ids, dtype)
 
 
-def test_cuda_rule_takes_bmm_for_many_adapters_at_decode():
-    def rows(distinct: int, tokens_per_row: int):
+def test_cuda_rule_takes_bmm_for_many_adapters_with_few_chunks_each():
+    def rows(distinct: int, tokens_per_row: int | list[int]):
         slots = [AdapterSlot(AdapterKind.LORA, i) for i in range(distinct)]
         return AdapterBatch.from_rows(slots, tokens_per_row, device=DEVICE).lora
 
-    assert pick_lora_strategy(rows(CUDA_BMM_MIN_DISTINCT, 1), 16, 8192) == "bmm"
+    assert pick_lora_strategy(rows(CUDA_BMM_MIN_DISTINCT, 1), 16, 8192) == "bmm"  # decode
     assert pick_lora_strategy(rows(CUDA_BMM_MIN_DISTINCT - 1, 1), 16, 8192) == "grouped"
-    assert pick_lora_strategy(rows(CUDA_BMM_MIN_DISTINCT, 128), 16, 8192) == "grouped"  # prefill
+    assert pick_lora_strategy(rows(CUDA_BMM_MIN_DISTINCT, 128), 16, 8192) == "bmm"  # prefill: a chunk per row
+    uneven = [127 + i % 2 for i in range(CUDA_BMM_MIN_DISTINCT)]  # gcd 1: a chunk per token
+    assert pick_lora_strategy(rows(CUDA_BMM_MIN_DISTINCT, uneven), 16, 8192) == "grouped"
 
 
 @pytest.mark.parametrize("arch", list(TINY_MODELS))
