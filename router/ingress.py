@@ -377,31 +377,20 @@ class FloraIngress:
         admission, started = await self._start_streams(jobs)
         completion_id, finals = f"cmpl-{uuid.uuid4().hex}", {}
 
-        async def events() -> AsyncIterator[str]:
-            status = CLIENT_CLOSED
-            try:
-                sent_echo = set()
-                async for index, output in self._merged(started):
-                    echo = echoes[index] if index not in sent_echo else ""
-                    sent_echo.add(index)
-                    choice = fmt.completion_choice(self.tokenizer, index, output, echo, want_logprobs, delta=True)
-                    yield fmt.sse(CompletionResponse(id=completion_id, model=body.model, choices=[choice]))
-                    if output.finished:
-                        finals[index] = output
-                if body.stream_options and body.stream_options.include_usage:
-                    usage = fmt.usage_of(list(finals.values()), prompt_lens)
-                    yield fmt.sse(CompletionResponse(id=completion_id, model=body.model, choices=[], usage=usage))
-                status = 200
-                yield fmt.SSE_DONE
-            except ApiError as error:
-                status = error.status
-                yield fmt.error_event(error)
-                yield fmt.SSE_DONE
-            finally:
-                admission.close()
-                self.metrics.record_request(self._metric_adapter(body.model), status, finals.values())
+        async def chunks() -> AsyncIterator[str]:
+            sent_echo = set()
+            async for index, output in self._merged(started):
+                echo = echoes[index] if index not in sent_echo else ""
+                sent_echo.add(index)
+                choice = fmt.completion_choice(self.tokenizer, index, output, echo, want_logprobs, delta=True)
+                yield fmt.sse(CompletionResponse(id=completion_id, model=body.model, choices=[choice]))
+                if output.finished:
+                    finals[index] = output
+            if body.stream_options and body.stream_options.include_usage:
+                usage = fmt.usage_of(list(finals.values()), prompt_lens)
+                yield fmt.sse(CompletionResponse(id=completion_id, model=body.model, choices=[], usage=usage))
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return self._sse_response(body.model, admission, chunks(), finals)
 
     async def _stream_chat(self, body: ChatCompletionRequest, jobs, prompt_len: int):
         admission, started = await self._start_streams(jobs)
@@ -410,20 +399,33 @@ class FloraIngress:
         def chunk(choices, usage=None) -> str:
             return fmt.sse(ChatCompletionChunk(id=chat_id, model=body.model, choices=choices, usage=usage))
 
+        async def chunks() -> AsyncIterator[str]:
+            yield chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                         for i in range(len(jobs))])
+            async for index, output in self._merged(started):
+                logprobs = fmt.chat_logprobs(self.tokenizer, output.delta_logprobs or ()) if body.logprobs else None
+                finish = fmt._finish(output) if output.finished else None
+                yield chunk([ChatStreamChoice(index=index, delta=ChatDelta(content=output.delta_text),
+                                              logprobs=logprobs, finish_reason=finish)])
+                if output.finished:
+                    finals[index] = output
+            if body.stream_options and body.stream_options.include_usage:
+                yield chunk([], fmt.usage_of(list(finals.values()), [prompt_len]))
+
+        return self._sse_response(body.model, admission, chunks(), finals)
+
+    def _sse_response(self, model: str, admission: ExitStack, chunks: AsyncIterator[str],
+                      finals: dict[int, RequestOutput]) -> StreamingResponse:
+        """Stream `chunks` (SSE strings), then [DONE]; an ApiError mid-stream becomes an error event.
+
+        However the stream ends (done, failed, or the client gone), the admission is released and
+        the request is counted under the status it ended with.
+        """
         async def events() -> AsyncIterator[str]:
             status = CLIENT_CLOSED
             try:
-                yield chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-                             for i in range(len(jobs))])
-                async for index, output in self._merged(started):
-                    logprobs = fmt.chat_logprobs(self.tokenizer, output.delta_logprobs or ()) if body.logprobs else None
-                    finish = fmt._finish(output) if output.finished else None
-                    yield chunk([ChatStreamChoice(index=index, delta=ChatDelta(content=output.delta_text),
-                                                  logprobs=logprobs, finish_reason=finish)])
-                    if output.finished:
-                        finals[index] = output
-                if body.stream_options and body.stream_options.include_usage:
-                    yield chunk([], fmt.usage_of(list(finals.values()), [prompt_len]))
+                async for event in chunks:
+                    yield event
                 status = 200
                 yield fmt.SSE_DONE
             except ApiError as error:
@@ -432,7 +434,8 @@ class FloraIngress:
                 yield fmt.SSE_DONE
             finally:
                 admission.close()
-                self.metrics.record_request(self._metric_adapter(body.model), status, finals.values())
+                self.metrics.record_request(self._metric_adapter(model), status, finals.values())
+                await chunks.aclose()  # its replica streams close now, not when garbage-collected
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
