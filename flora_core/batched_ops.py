@@ -39,8 +39,8 @@ def lora_delta_bmm(
     b = lora_b[:, :rank].index_select(0, rows.chunk_slots)  # [C, r, d_out]
     # Tokens as row vectors times their factors: 2-4x faster on the CPU than the column form
     # bmm(a, x[..., None]) (bench/lora_strategies.py), the same math.
-    hidden = torch.bmm(xs.reshape(chunks, length, -1), a.transpose(1, 2))  # [C, L, r]
-    return torch.bmm(hidden, b).reshape(rows.num_tokens, -1)  # [n, d_out]
+    hidden = torch.bmm(xs.reshape(chunks, length, xs.shape[1]), a.transpose(1, 2))  # [C, L, r]
+    return torch.bmm(hidden, b).reshape(rows.num_tokens, b.shape[2])  # [n, d_out]
 
 
 def lora_delta_grouped(
