@@ -1,7 +1,7 @@
 """Measure the LoRA strategies (gather+bmm vs grouped) to set pick_lora_strategy's threshold.
 
-    python bench/lora_strategies.py --d-model 4096 --rank 16 --out bench/results/lora_strategies.json
-    python bench/lora_strategies.py --d-model 256 --rank 16 --out bench/results/lora_strategies_cpu_d256.json
+    python -m bench.lora_strategies --d-model 4096 --rank 16 --out bench/results/lora_strategies.json
+    python -m bench.lora_strategies --d-model 256 --rank 16 --out bench/results/lora_strategies_cpu_d256.json
 
 For each batch shape (tokens, distinct adapters) it times both strategies on one layer's delta
 and reports which wins, with the rule's choice beside it.
@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
 
+from bench.timing import Timer
 from flora_core.adapter_batch import AdapterBatch, AdapterSlot
 from flora_core.adapter_weights import AdapterKind
 from flora_core.batched_ops import LORA_STRATEGIES, pick_lora_strategy
@@ -27,39 +27,30 @@ from flora_core.batched_ops import LORA_STRATEGIES, pick_lora_strategy
 SHAPES = [(1, 1), (8, 1), (32, 1), (64, 1), (2, 16), (4, 24), (8, 24), (8, 16), (32, 4), (8, 128), (32, 128)]
 
 
-def time_call(fn, repeats: int) -> float:
-    """Median seconds of fn() over repeats runs, after two warm-up calls."""
-    fn(), fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return sorted(samples)[len(samples) // 2]
-
-
 def run(d_model: int, rank: int, repeats: int, device: str) -> list[dict]:
     slots = 64
-    lora_a = torch.randn(slots, rank, d_model, device=device) * 0.01
-    lora_b = torch.randn(slots, rank, d_model, device=device) * 0.01
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32  # as the replicas serve
+    lora_a = torch.randn(slots, rank, d_model, device=device, dtype=dtype) * 0.01
+    lora_b = torch.randn(slots, rank, d_model, device=device, dtype=dtype) * 0.01
+    # Both strategies interleaved, a fixed number of rounds; CUDA events and a synchronize on a GPU.
+    timer = Timer(torch.device(device), rounds=repeats, min_rounds=repeats, warmup=2)
     results = []
     for rows, tokens_per_row in SHAPES:
         for distinct in sorted({1, min(2, rows), max(1, rows // 4), rows}):
             row_slots = [AdapterSlot(AdapterKind.LORA, i % distinct) for i in range(rows)]
             batch = AdapterBatch.from_rows(row_slots, tokens_per_row, device)
-            x = torch.randn(batch.num_tokens, d_model, device=device)
-            timings = {}
+            x = torch.randn(batch.num_tokens, d_model, device=device, dtype=dtype)
             with torch.no_grad():
-                for name, fn in LORA_STRATEGIES.items():
-                    timings[name] = time_call(lambda: fn(x, lora_a, lora_b, batch.lora, rank), repeats)
+                timings = timer.compare({name: (lambda fn=fn: fn(x, lora_a, lora_b, batch.lora, rank), None)
+                                         for name, fn in LORA_STRATEGIES.items()})  # ms
             best = min(timings, key=timings.get)
             chosen = pick_lora_strategy(batch.lora, rank, 2 * d_model)
             results.append({"rows": rows, "tokens_per_row": tokens_per_row, "distinct": distinct,
-                            "ms": {k: round(v * 1e3, 4) for k, v in timings.items()},
+                            "ms": {k: round(v, 4) for k, v in timings.items()},
                             "fastest": best, "rule_picks": chosen,
                             "rule_loss": round(timings[chosen] / timings[best], 3)})
             print(f"rows={rows:3d} tok/row={tokens_per_row:3d} distinct={distinct:3d} "
-                  + " ".join(f"{k}={v * 1e3:8.3f}ms" for k, v in timings.items())
+                  + " ".join(f"{k}={v:8.3f}ms" for k, v in timings.items())
                   + f"  fastest={best:8s} rule={chosen}", flush=True)
     return results
 
@@ -77,7 +68,8 @@ def main() -> None:
     results = run(args.d_model, args.rank, args.repeats, args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-               "device": args.device, "torch": torch.__version__}
+               "device": args.device, "dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
+               "torch": torch.__version__}
     args.out.write_text(json.dumps({"machine": machine, "d_model": args.d_model, "rank": args.rank,
                                     "results": results}, indent=2))
     print(f"wrote {args.out}")

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# What a lent GPU is for, as two commands that each fit the device tool's 10-minute limit:
+#
+#   bash bench/gpu_session.sh check      # CUDA parity tests, then the LoRA strategy crossover (~3 min)
+#   bash bench/gpu_session.sh overhead   # the adapter-overhead GPU grid, bf16 (B=64 targets)
+#
+# It runs with the GPU machine's own python3 (PyTorch, transformers, PEFT, pytest, hypothesis and
+# matplotlib are there; flora_core and these benchmarks need no Ray), or $PYTHON. Everything it
+# writes goes to $OUT (the device tool's folder), else bench/results/gpu: one log per step plus
+# the benchmarks' JSON, Markdown and PNG. Copy them into bench/results and the README by hand.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+step="${1:?usage: bash bench/gpu_session.sh check|overhead}"
+out="${OUT:-bench/results/gpu}"
+python="${PYTHON:-python3}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+
+if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "no CUDA device: run this on the GPU machine (the device tool), not here" >&2
+    exit 2
+fi
+
+case "$step" in
+    check)
+        {
+            nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+            "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+            "$python" -m pytest -q -p no:cacheprovider tests/test_cuda_parity.py
+            "$python" -m bench.lora_strategies --device cuda --d-model 4096 --rank 16 --repeats 20 \
+                --out "$out/lora_strategies_cuda.json"
+        } 2>&1 | tee "$out/check.log"
+        ;;
+    overhead)
+        "$python" -m bench.adapter_overhead --device cuda --out-dir "$out" 2>&1 | tee "$out/overhead.log"
+        ;;
+    *)
+        echo "unknown step '$step': use check or overhead" >&2
+        exit 2
+        ;;
+esac
