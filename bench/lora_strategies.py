@@ -3,8 +3,9 @@
     python -m bench.lora_strategies --d-model 4096 --rank 16 --out bench/results/lora_strategies.json
     python -m bench.lora_strategies --d-model 256 --rank 16 --out bench/results/lora_strategies_cpu_d256.json
 
-For each batch shape (tokens, distinct adapters) it times both strategies on one layer's delta
-and reports which wins, with the rule's choice beside it.
+For each batch shape (tokens, distinct adapters) it times every strategy on one layer's delta
+(on CUDA the Triton `bgmv` kernels too, where Triton is installed) and reports which wins, with
+the rule's choice beside it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from bench.timing import Timer
 from flora_core.adapter_batch import AdapterBatch, AdapterSlot
 from flora_core.adapter_weights import AdapterKind
-from flora_core.batched_ops import LORA_STRATEGIES, pick_lora_strategy
+from flora_core.batched_ops import LORA_STRATEGIES, gpu_lora_strategies, pick_lora_strategy
 
 
 # (rows, tokens per row): decode, then prefill as the engine runs it (a few new prompts a step)
@@ -32,8 +33,9 @@ def run(d_model: int, rank: int, repeats: int, device: str) -> list[dict]:
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32  # as the replicas serve
     lora_a = torch.randn(slots, rank, d_model, device=device, dtype=dtype) * 0.01
     lora_b = torch.randn(slots, rank, d_model, device=device, dtype=dtype) * 0.01
-    # Both strategies interleaved, a fixed number of rounds; CUDA events and a synchronize on a GPU.
+    # Every strategy interleaved, a fixed number of rounds; CUDA events and a synchronize on a GPU.
     timer = Timer(torch.device(device), rounds=repeats, min_rounds=repeats, warmup=2)
+    strategies = {**LORA_STRATEGIES, **(gpu_lora_strategies() if torch.device(device).type == "cuda" else {})}
     results = []
     for rows, tokens_per_row in SHAPES:
         for distinct in sorted({1, min(2, rows), max(1, rows // 4), rows}):
@@ -42,7 +44,7 @@ def run(d_model: int, rank: int, repeats: int, device: str) -> list[dict]:
             x = torch.randn(batch.num_tokens, d_model, device=device, dtype=dtype)
             with torch.no_grad():
                 timings = timer.compare({name: (lambda fn=fn: fn(x, lora_a, lora_b, batch.lora, rank), None)
-                                         for name, fn in LORA_STRATEGIES.items()})  # ms
+                                         for name, fn in strategies.items()})  # ms
             best = min(timings, key=timings.get)
             chosen = pick_lora_strategy(batch.lora, rank, 2 * d_model)
             results.append({"rows": rows, "tokens_per_row": tokens_per_row, "distinct": distinct,

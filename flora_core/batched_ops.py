@@ -9,6 +9,7 @@ All of them are differentiable, so batched multi-adapter training uses them too.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -68,6 +69,29 @@ LORA_STRATEGIES: dict[str, LoraDeltaFn] = {
     "bmm": lora_delta_bmm,
     "grouped": lora_delta_grouped,
 }
+
+
+@functools.cache
+def gpu_lora_strategies() -> dict[str, LoraDeltaFn]:
+    """Strategies that run as Triton kernels (CUDA): {} where Triton is not installed (CPU builds).
+
+    Tests and benchmarks force them by name; the rule does not pick them until they are measured.
+    """
+    try:
+        from flora_core.triton_lora import lora_delta_bgmv  # noqa: PLC0415 - Triton is optional
+    except ImportError:
+        return {}
+    return {"bgmv": lora_delta_bgmv}
+
+
+def lora_strategy(name: str) -> LoraDeltaFn:
+    """The strategy called `name`: in LORA_STRATEGIES, or else in gpu_lora_strategies()."""
+    strategy = LORA_STRATEGIES.get(name) or gpu_lora_strategies().get(name)
+    if strategy is None:
+        known = sorted({*LORA_STRATEGIES, *gpu_lora_strategies()})
+        raise ValueError(f"LoRA strategy {name!r} is not available here (these are: {known}); "
+                         "'bgmv' needs Triton, which CUDA builds of torch install")
+    return strategy
 
 # The rule, from bench/lora_strategies.py (README, Performance). bmm pays per chunk (it copies
 # each chunk's A and B), grouped pays per adapter (two matmul calls each). A batch with a single

@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from flora_core.adapter_batch import AdapterBatch
 from flora_core.adapter_weights import AdapterKind, FloraModule, Ia3Module, LoraModule, ModuleWeights
-from flora_core.batched_ops import LORA_STRATEGIES, flora_matmul, ia3_scale
+from flora_core.batched_ops import flora_matmul, ia3_scale, lora_strategy
 from flora_core.layer_plan import LayerPlan, SlotTable, layer_plan
 
 
@@ -177,7 +177,7 @@ class MultiAdapterLinear(nn.Module):
             tokens = ia3_scale(tokens, self.ia3_in, batch.ia3)
         y = self._base_or_flora(tokens, batch, plan)
         if plan.lora_rank:
-            strategy = LORA_STRATEGIES[plan.lora_strategy]
+            strategy = lora_strategy(plan.lora_strategy)
             delta = strategy(tokens, self.lora_a, self.lora_b, batch.lora, plan.lora_rank)
             y = y + delta if batch.lora.covers_all_tokens else y.index_add(0, batch.lora.token_index, delta)
         if plan.ia3_out:

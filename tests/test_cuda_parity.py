@@ -2,7 +2,8 @@
 
 CI has no GPU: these run where one is lent, `bash scripts/test.sh tests/test_cuda_parity.py`.
 The layers, adapters and references are test_batched_parity's; only the device differs, and
-both LoRA strategies are forced as well as left to the CUDA rule of `pick_lora_strategy`.
+every LoRA strategy (the Triton `bgmv` too, where Triton is installed) is forced as well as left
+to the CUDA rule of `pick_lora_strategy`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import flora_core.layer_plan as layer_plan
 from flora_core.adapter_batch import AdapterBatch, AdapterSlot
 from flora_core.adapter_weights import AdapterKind
-from flora_core.batched_ops import CUDA_BMM_MIN_DISTINCT, LORA_STRATEGIES, pick_lora_strategy
+from flora_core.batched_ops import CUDA_BMM_MIN_DISTINCT, LORA_STRATEGIES, gpu_lora_strategies, pick_lora_strategy
 from flora_core.multi_adapter_linear import SlotCapacity
 from flora_core.patching import adapter_batch_scope, patch_model
 from tests.factories import TINY_MODELS, random_adapter
@@ -29,7 +30,7 @@ DEVICE = "cuda"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
 
 
-@pytest.mark.parametrize("strategy", ["rule", *LORA_STRATEGIES])
+@pytest.mark.parametrize("strategy", ["rule", *LORA_STRATEGIES, *gpu_lora_strategies()])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("kinds", "rank"), [("lora", 1), ("lora", 16), ("flora", 1), ("flora", 4), ("ia3", 1),
                                              ("mixed", 8)])
