@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+TRITON_VERSION=${TRITON_VERSION:-3.6.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1; then
@@ -15,6 +16,12 @@ else
   echo "setup: no GPU found, installing torch==$TORCH_VERSION (CPU build where one is offered)"
 fi
 .venv/bin/python -m pip install --quiet "torch==$TORCH_VERSION"
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  # A CUDA build of torch brings its own Triton; here it only runs the Triton LoRA kernels under
+  # its interpreter in tests/test_triton_lora.py. Skipped (the test skips too) where no wheel fits.
+  echo "setup: installing triton==$TRITON_VERSION for the kernel tests (Triton's CPU interpreter)"
+  .venv/bin/python -m pip install --quiet "triton==$TRITON_VERSION" || echo "setup: no triton wheel here; its tests will skip"
+fi
 echo "setup: installing flora-serve and its test/bench extras"
 .venv/bin/python -m pip install --quiet -e ".[test,bench]"
 echo "setup: done. Activate with: source .venv/bin/activate"
