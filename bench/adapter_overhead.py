@@ -18,7 +18,7 @@ import argparse
 import gc
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from bench.overhead_report import write_markdown, write_plots
 from bench.result_files import write_results
 from bench.timing import Timer, load_average, machine_info
 from flora_core.adapter_weights import AdapterKind
+from flora_core.batched_ops import gpu_lora_strategies
 
 LORA, FLORA = AdapterKind.LORA, AdapterKind.FLORA
 BATCHES = (1, 8, 32, 64)
@@ -184,13 +185,20 @@ def is_headline(case) -> bool:
             and case.rank == (16 if case.kind is LORA else 1))
 
 
+def with_gpu_strategies(cases: list, device: torch.device) -> list:
+    """On CUDA with Triton, every case that compares LoRA strategies also times the Triton `bgmv`."""
+    if device.type != "cuda" or "bgmv" not in gpu_lora_strategies():
+        return cases
+    return [replace(c, impls=c.impls + ("bgmv",)) if c.kind is LORA and "bmm" in c.impls else c for c in cases]
+
+
 def run(grid: Grid, device: torch.device, dtype: torch.dtype) -> list[dict]:
     timer = Timer(device, **grid.timer)
     headline_timer = Timer(device, **(grid.timer | grid.headline_timer))
     rows: list[dict] = []
     for shape in grid.layer_shapes:
         d_in, d_out = LAYER_SHAPES[shape]
-        for pool_rank, cases in by_pool_rank(layer_cases(grid, shape)).items():
+        for pool_rank, cases in by_pool_rank(with_gpu_strategies(layer_cases(grid, shape), device)).items():
             flora_ranks = [c.rank for c in cases if c.kind is FLORA] or [1]
             bench = ol.LayerBench(d_in, d_out, device, dtype, max_distinct=max(c.distinct for c in cases),
                                   max_lora_rank=pool_rank, max_flora_rank=max(flora_ranks))
@@ -200,7 +208,7 @@ def run(grid: Grid, device: torch.device, dtype: torch.dtype) -> list[dict]:
             gc.collect()
     for model in grid.models:
         base = om.build_base(model, device, dtype)
-        for pool_rank, cases in by_pool_rank(model_cases(grid, model)).items():
+        for pool_rank, cases in by_pool_rank(with_gpu_strategies(model_cases(grid, model), device)).items():
             flora_ranks = [c.rank for c in cases if c.kind is FLORA] or [1]
             bench = om.ModelBench(model, base, max_distinct=max(c.distinct for c in cases), max_lora_rank=pool_rank,
                                   max_flora_rank=max(flora_ranks), context=MODEL_CONTEXT[model],

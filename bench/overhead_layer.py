@@ -7,6 +7,7 @@ the layer's output with each row's adapter:
 - `ours`: MultiAdapterLinear with its own choice of LoRA strategy (pick_lora_strategy).
 - `grouped`, `bmm`: MultiAdapterLinear with that strategy forced (bmm gathers A and B per chunk:
   per token at decode, per row or per run of rows of one adapter at prefill).
+- `bgmv`: the Triton kernels forced (CUDA with Triton only; added there by bench.adapter_overhead).
 - `paper_bmm`: the paper's baseline (App. B.1), A and B gathered per ROW and bmm over its tokens.
 - `peft`: PEFT's LoRA layer with D adapters loaded, called with `adapter_names=` (its mixed batch).
 - `loop`: one MultiAdapterLinear call per adapter group (the rows of one adapter at a time).
@@ -122,7 +123,7 @@ class LayerBench:
         batch = AdapterBatch.from_rows(row_slots, case.tokens_per_row, self.device)
         calls = {"base": (lambda: self.base(flat), None)}
         for impl in case.impls:
-            if impl in ("ours", "grouped", "bmm"):
+            if impl in ("ours", "grouped", "bmm", "bgmv"):
                 calls[impl] = (lambda: self._layer_step(flat, batch), None if impl == "ours" else impl)
             elif impl == "paper_bmm":
                 slots = torch.tensor([s.slot for s in row_slots], device=self.device)

@@ -126,10 +126,10 @@ class ModelBench:
                 self.swap.wrapped()
 
     def _impl_call(self, impl, case, ids, row_names, row_slots, switch: StrategySwitch):
-        if impl in ("ours", "grouped", "bmm", "ours_no_adapter"):
+        if impl in ("ours", "grouped", "bmm", "bgmv", "ours_no_adapter"):
             slots = [None] * case.batch if impl == "ours_no_adapter" else row_slots
             fn, before = self._call(case, ids, self._ours_forward(slots, case.tokens_per_row))
-            return switch.calling(impl if impl in ("grouped", "bmm") else None, fn), before
+            return switch.calling(impl if impl in ("grouped", "bmm", "bgmv") else None, fn), before
         if impl == "peft":
             peft_model = self._peft_model(case)
             return self._call(case, ids, lambda kw: peft_model(**kw, adapter_names=row_names), wrapped=False)

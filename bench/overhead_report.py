@@ -11,12 +11,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-LORA_COLUMNS = ("ours", "grouped", "bmm", "paper_bmm", "peft", "loop")
+LORA_COLUMNS = ("ours", "grouped", "bmm", "bgmv", "paper_bmm", "peft", "loop")
 LABELS = {"flora ours": "FLoRA: ours", "flora loop": "FLoRA: loop", "ours_no_adapter": "ours, rows without adapters",
           "ours_slots_r64": "ours, LoRA slots padded to rank 64", "paper_bmm": "paper's bmm (per row)",
-          "bmm": "bmm (per chunk)", "peft": "PEFT mixed batch", "loop": "loop over adapter groups"}
+          "bmm": "bmm (per chunk)", "bgmv": "bgmv (Triton)", "peft": "PEFT mixed batch", "loop": "loop over adapter groups"}
 TARGETS = {"lora": 1.15, "flora": 1.05}  # model-level decode, B=32, 32 distinct adapters (the targets)
-STYLE = {"ours": ("tab:blue", "o"), "grouped": ("tab:cyan", "s"), "bmm": ("tab:orange", "^"),
+STYLE = {"ours": ("tab:blue", "o"), "grouped": ("tab:cyan", "s"), "bmm": ("tab:orange", "^"), "bgmv": ("black", "P"),
          "paper_bmm": ("tab:brown", "v"), "peft": ("tab:red", "D"), "loop": ("tab:gray", "x"),
          "ours_no_adapter": ("tab:green", "."), "ours_slots_r64": ("tab:olive", "*"),
          "flora ours": ("tab:purple", "o"), "flora loop": ("tab:pink", "x")}
@@ -92,16 +92,17 @@ def _rank_table(rows: list[dict]) -> list[str]:
     sweep = [r for r in rows if r["phase"] == "decode" and r["batch"] == 32 and r["distinct"] == 32]
     if len({r["rank"] for r in sweep}) < 3:
         return []
+    columns = [c for c in LORA_COLUMNS if any(r["impl"] == c for r in sweep)]
     lines = ["## Rank sweep: decode, B=32, D=32 (ratio to base)", "",
-             "| level | target | kind | rank | base ms | " + " | ".join(LORA_COLUMNS) + " |",
-             "|---|---|---|---:|---:|" + "---:|" * len(LORA_COLUMNS)]
+             "| level | target | kind | rank | base ms | " + " | ".join(columns) + " |",
+             "|---|---|---|---:|---:|" + "---:|" * len(columns)]
     grouped: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in sweep:
         grouped[(r["level"], r["target"], r["kind"], r["rank"])][r["impl"]] = r
     for (level, target, kind, rank), impls in sorted(grouped.items(), key=lambda kv: (kv[0][0] != "layer",) + kv[0]):
         base = next(iter(impls.values()))["base_ms"]
         lines.append(f"| {level} | {target} | {kind} | {rank} | {base:.3f} | "
-                     + " | ".join(_cell(impls.get(c)) for c in LORA_COLUMNS) + " |")
+                     + " | ".join(_cell(impls.get(c)) for c in columns) + " |")
     return lines + [""]
 
 
