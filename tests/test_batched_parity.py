@@ -1,7 +1,8 @@
 """Every batched path against the per-row reference (the adapter merged into the weights).
 
 Layer level: one MultiAdapterLinear (nn.Linear and GPT-2's Conv1D), every adapter kind, ranks 1
-to 64, every batch layout, fp32 and bf16, both LoRA strategies, and random compositions
+to 64, every batch layout, fp32 and bf16, both LoRA strategies (per-chunk bmm on packed rows of
+uneven lengths too), the CPU strategy rule, and random compositions
 (hypothesis). Model level: tiny Llama, Qwen2 and GPT-2 with mixed adapters in one batch.
 """
 
@@ -17,10 +18,10 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+import flora_core.batched_ops as batched_ops
 import flora_core.layer_plan as layer_plan
 from flora_core.adapter_batch import AdapterBatch, AdapterSlot
 from flora_core.adapter_weights import AdapterKind, AdapterWeights, Ia3Module
-import flora_core.batched_ops as batched_ops
 from flora_core.batched_ops import LORA_STRATEGIES
 from flora_core.multi_adapter_linear import MultiAdapterLinear, SlotCapacity
 from flora_core.patching import adapter_batch_scope, patch_model
