@@ -3,6 +3,7 @@
     python -m bench.adapter_overhead                      # the CPU grid (~10-15 min on 2 cores)
     python -m bench.adapter_overhead --quick              # a smoke run (~1 min)
     python -m bench.adapter_overhead --device cuda        # the GPU grid (bf16), more prefill shapes
+    python -m bench.adapter_overhead --level layer        # only the grid's layers (or: --level model)
 
 Layer level (bench/overhead_layer.py): Llama-7B-sized layers (4096x4096, 4096x11008) and the
 embedded model's MLP layer (256x688), random weights. Model level (bench/overhead_model.py): the
@@ -240,12 +241,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run (~1 min on the CPU)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     parser.add_argument("--tag", default=None, help="file name stem (default: adapter_overhead_<grid>)")
+    parser.add_argument("--level", choices=["all", "layer", "model"], default="all",
+                        help="run only the grid's layers or only its models (e.g. to fit a time limit per command)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.set_num_threads(args.threads)
     grid = QUICK_GRID if args.quick else (GPU_GRID if device.type == "cuda" else CPU_GRID)
+    if args.level == "layer":
+        grid = replace(grid, name=f"{grid.name}_layers", models=())
+    elif args.level == "model":
+        grid = replace(grid, name=f"{grid.name}_models", layer_shapes=())
     stem = args.tag or f"adapter_overhead_{grid.name}"
     command = " ".join(["python -m bench.adapter_overhead", *sys.argv[1:]])
     info = machine_info(device) | {"dtype": str(dtype).removeprefix("torch.")}

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# What a lent GPU is for, as two commands that each fit the device tool's 10-minute limit:
+# What a lent GPU is for, as three commands meant to fit the device tool's 10 minutes each:
 #
-#   bash bench/gpu_session.sh check      # CUDA parity tests, then the LoRA strategy crossover (~3 min)
-#   bash bench/gpu_session.sh overhead   # the adapter-overhead GPU grid, bf16 (B=64 targets)
+#   bash bench/gpu_session.sh check      # CUDA parity tests, then the LoRA strategy crossover
+#   bash bench/gpu_session.sh layers     # the adapter-overhead GPU grid's layers, bf16
+#   bash bench/gpu_session.sh models     # ... and its models (the B=64 targets are model-level)
 #
 # It runs with the GPU machine's own python3 (PyTorch, transformers, PEFT, pytest, hypothesis and
 # matplotlib are there; flora_core and these benchmarks need no Ray), or $PYTHON. Everything it
@@ -10,7 +11,7 @@
 # the benchmarks' JSON, Markdown and PNG. Copy them into bench/results and the README by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: bash bench/gpu_session.sh check|overhead}"
+step="${1:?usage: bash bench/gpu_session.sh check|layers|models}"
 out="${OUT:-bench/results/gpu}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
@@ -31,11 +32,11 @@ case "$step" in
                 --out "$out/lora_strategies_cuda.json"
         } 2>&1 | tee "$out/check.log"
         ;;
-    overhead)
-        "$python" -m bench.adapter_overhead --device cuda --out-dir "$out" 2>&1 | tee "$out/overhead.log"
+    layers | models)
+        "$python" -m bench.adapter_overhead --device cuda --level "${step%s}" --out-dir "$out" 2>&1 | tee "$out/$step.log"
         ;;
     *)
-        echo "unknown step '$step': use check or overhead" >&2
+        echo "unknown step '$step': use check, layers or models" >&2
         exit 2
         ;;
 esac

@@ -36,6 +36,8 @@ def _cell(row: dict | None) -> str:
 
 
 def _headline(rows: list[dict]) -> list[str]:
+    if not any(r["level"] == "model" for r in rows):
+        return []
     table = _index(rows)
     lines = ["## Headline: model-level decode, B=32, every row with its own adapter (D=32)", "",
              "Ratios are forward time / the base model's on the same batch. Targets on the CPU: LoRA rank 16 "
