@@ -12,7 +12,7 @@ import hmac
 import logging
 import time
 import uuid
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, aclosing, contextmanager
 from typing import AsyncIterator, Iterator, Optional
 
 from fastapi import FastAPI, Request
@@ -379,13 +379,14 @@ class FloraIngress:
 
         async def chunks() -> AsyncIterator[str]:
             sent_echo = set()
-            async for index, output in self._merged(started):
-                echo = echoes[index] if index not in sent_echo else ""
-                sent_echo.add(index)
-                choice = fmt.completion_choice(self.tokenizer, index, output, echo, want_logprobs, delta=True)
-                yield fmt.sse(CompletionResponse(id=completion_id, model=body.model, choices=[choice]))
-                if output.finished:
-                    finals[index] = output
+            async with aclosing(self._merged(started)) as merged:
+                async for index, output in merged:
+                    echo = echoes[index] if index not in sent_echo else ""
+                    sent_echo.add(index)
+                    choice = fmt.completion_choice(self.tokenizer, index, output, echo, want_logprobs, delta=True)
+                    yield fmt.sse(CompletionResponse(id=completion_id, model=body.model, choices=[choice]))
+                    if output.finished:
+                        finals[index] = output
             if body.stream_options and body.stream_options.include_usage:
                 usage = fmt.usage_of(list(finals.values()), prompt_lens)
                 yield fmt.sse(CompletionResponse(id=completion_id, model=body.model, choices=[], usage=usage))
@@ -402,13 +403,14 @@ class FloraIngress:
         async def chunks() -> AsyncIterator[str]:
             yield chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                          for i in range(len(jobs))])
-            async for index, output in self._merged(started):
-                logprobs = fmt.chat_logprobs(self.tokenizer, output.delta_logprobs or ()) if body.logprobs else None
-                finish = fmt._finish(output) if output.finished else None
-                yield chunk([ChatStreamChoice(index=index, delta=ChatDelta(content=output.delta_text),
-                                              logprobs=logprobs, finish_reason=finish)])
-                if output.finished:
-                    finals[index] = output
+            async with aclosing(self._merged(started)) as merged:
+                async for index, output in merged:
+                    logprobs = fmt.chat_logprobs(self.tokenizer, output.delta_logprobs or ()) if body.logprobs else None
+                    finish = fmt._finish(output) if output.finished else None
+                    yield chunk([ChatStreamChoice(index=index, delta=ChatDelta(content=output.delta_text),
+                                                  logprobs=logprobs, finish_reason=finish)])
+                    if output.finished:
+                        finals[index] = output
             if body.stream_options and body.stream_options.include_usage:
                 yield chunk([], fmt.usage_of(list(finals.values()), [prompt_len]))
 
@@ -435,7 +437,7 @@ class FloraIngress:
             finally:
                 admission.close()
                 self.metrics.record_request(self._metric_adapter(model), status, finals.values())
-                await chunks.aclose()  # its replica streams close now, not when garbage-collected
+                await chunks.aclose()  # closes its replica streams now (aclosing), not when garbage-collected
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
