@@ -17,6 +17,12 @@ token and inter-token latency (p50/p99, from streaming timestamps) and failures:
 First the same closed loop runs against the engine alone, in this process (no Ray, no HTTP):
 what batching gains inside the engine, apart from the serving stack's own cost per token.
 
+Both applications are deployed at once (the second under /one), so the headline points (base,
+uniform-100 and one adapter per batch at the saturation concurrency, streamed and whole) run in
+`--rounds` interleaved rounds, each round in a rotated order, and are reported as the median round
+with the range: on a shared machine the load drifts over minutes, and points measured minutes
+apart differ by more than the gaps the targets are about. The engine-only points do the same.
+
 Before measuring, every adapter is requested once (one token each), so adapters sit in the host
 cache (no disk reads inside a point); device slots (128 LoRA slots) still load and evict as
 traffic moves between adapters.
@@ -29,7 +35,7 @@ import asyncio
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -61,28 +67,40 @@ class Point:
     concurrency: int | None = None
     rate: float | None = None
     stream: bool = True
+    round: int | None = None  # which interleaved round of the headline points; None: run once
 
     @property
     def mode(self) -> str:
         return "closed" if self.concurrency is not None else "poisson"
 
 
-def plan(quick: bool, rates: tuple[float, ...], saturation: int) -> list[Point]:
+def headline_points(saturation: int) -> list[Point]:
+    """The points the targets are read from: base, uniform-100 and one adapter per batch, streamed and whole."""
+    return [Point(app, workload, saturation, stream=stream) for stream in (True, False)
+            for app, workload in (("ours", "base"), ("ours", "uniform-100"), ("one_adapter_per_step", "uniform-100"))]
+
+
+def interleaved(points: list, rounds: int) -> list[tuple[int, object]]:
+    """(round, point) for `rounds` rounds over points, each round rotated by one, so none always runs first."""
+    order = []
+    for k in range(rounds):
+        shift = k % len(points)
+        order += [(k, p) for p in points[shift:] + points[:shift]]
+    return order
+
+
+def plan(quick: bool, rates: tuple[float, ...], saturation: int, rounds: int) -> list[Point]:
+    """Every point in the order it runs: the headline rounds first, then the rest once each."""
+    first = [replace(p, round=k) for k, p in interleaved(headline_points(saturation), rounds)]
     if quick:
-        return [Point("ours", "base", saturation), Point("ours", "uniform-100", saturation),
-                Point("ours", "uniform-100", saturation, stream=False),
-                Point("ours", "uniform-100", rate=rates[len(rates) // 2]),
-                Point("one_adapter_per_step", "uniform-100", saturation)]
-    ours = [Point("ours", w, saturation) for w in ["base", *(f"uniform-{n}" for n in ADAPTER_COUNTS),
-                                                   *(f"zipf-{n}" for n in ADAPTER_COUNTS[1:])]]
+        return first + [Point("ours", "uniform-100", rate=rates[len(rates) // 2])]
+    ours = [Point("ours", w, saturation) for w in (*(f"uniform-{n}" for n in ADAPTER_COUNTS if n != 100),
+                                                   *(f"zipf-{n}" for n in ADAPTER_COUNTS[1:]))]
     ours += [Point("ours", w, c) for w in ("base", "uniform-100") for c in (1, 8, 64)]
-    ours += [Point("ours", w, saturation, stream=False) for w in ("base", "uniform-100")]
     ours += [Point("ours", w, rate=r) for w in ("base", "uniform-100") for r in rates]
-    one = [Point("one_adapter_per_step", w, saturation) for w in ("uniform-10", "uniform-100", "uniform-1000",
-                                                                  "zipf-100")]
-    one += [Point("one_adapter_per_step", "uniform-100", saturation, stream=False)]
+    one = [Point("one_adapter_per_step", w, saturation) for w in ("uniform-10", "uniform-1000", "zipf-100")]
     one += [Point("one_adapter_per_step", "uniform-100", rate=r) for r in rates]
-    return ours + one
+    return first + ours + one
 
 
 def workload(label: str, names: list[str], stream: bool = True) -> Workload:
@@ -131,8 +149,15 @@ async def warm_up(url: str, names: list[str]) -> float:
     return time.perf_counter() - start
 
 
+ROUTES = {"ours": "/", "one_adapter_per_step": "/one"}  # both applications run side by side
+
+
+def completions_url(app: str) -> str:
+    return f"http://127.0.0.1:{PORT}{ROUTES[app].rstrip('/')}/v1/completions"
+
+
 def run_point(point: Point, names: list[str], duration_s: float, seed: int) -> dict:
-    url = f"http://127.0.0.1:{PORT}/v1/completions"
+    url = completions_url(point.app)
     sampler = workload(point.workload, names, point.stream).sampler(DEFAULT_MODEL_NAME, seed)
     load_before = load_average()
     if point.mode == "closed":
@@ -140,7 +165,8 @@ def run_point(point: Point, names: list[str], duration_s: float, seed: int) -> d
     else:
         records, elapsed = asyncio.run(poisson(url, sampler, point.rate, duration_s, seed))
     stats = asdict(point) | {"mode": point.mode} | summarize(records, elapsed) | {"load_average": load_before}
-    print(f"{point.app:21s} {point.workload:12s} {point.mode:7s} {'stream' if point.stream else 'whole ':6s} "
+    label = "" if point.round is None else f"r{point.round}"
+    print(f"{label:3s}{point.app:21s} {point.workload:12s} {point.mode:7s} {'stream' if point.stream else 'whole ':6s} "
           f"{'C=' + str(point.concurrency) if point.concurrency else f'rate={point.rate}/s':10s} "
           f"{stats['requests_per_s']:7.2f} req/s {stats['output_tokens_per_s']:8.1f} tok/s  "
           f"TTFT p50/p99 {stats['ttft_ms_p50']}/{stats['ttft_ms_p99']} ms  "
@@ -151,37 +177,39 @@ def run_point(point: Point, names: list[str], duration_s: float, seed: int) -> d
 
 
 def run_engine_points(root: Path, names: list[str], args) -> list[dict]:
-    """The same closed loop straight against the engine (no Ray, no HTTP), with and without the limit."""
+    """The same closed loop straight against the engine (no Ray, no HTTP), in interleaved rounds."""
+    engines = {"engine": build_engine(root, names, lora_slots=128, lora_max_rank=8, max_adapters_per_step=None),
+               "engine_one_adapter_per_step": build_engine(root, names, lora_slots=128, lora_max_rank=8,
+                                                           max_adapters_per_step=1)}
+    points = [("engine", w) for w in dict.fromkeys(("base", "uniform-100", f"uniform-{len(names)}"))]
+    points.append(("engine_one_adapter_per_step", "uniform-100"))
     results = []
-    for limit in (None, 1):
-        engine = build_engine(root, names, lora_slots=128, lora_max_rank=8, max_adapters_per_step=limit)
-        try:
-            workloads = ("base", "uniform-100", f"uniform-{len(names)}") if limit is None else ("uniform-100",)
-            for label in dict.fromkeys(workloads):
-                load_before = load_average()
-                stats = engine_closed_loop(engine, workload(label, names), args.saturation, args.engine_duration,
-                                           args.seed)
-                results.append({"app": "engine" if limit is None else "engine_one_adapter_per_step",
-                                "workload": label, "concurrency": args.saturation, **stats,
-                                "load_average": load_before})
-                print(f"{results[-1]['app']:27s} {label:12s} C={args.saturation}  "
-                      f"{stats['output_tokens_per_s']:8.1f} tok/s  {stats['mean_rows_per_step']} tokens/step  "
-                      f"load {load_before}", flush=True)
-        finally:
+    try:
+        for k, (app, label) in interleaved(points, args.rounds):
+            load_before = load_average()
+            stats = engine_closed_loop(engines[app], workload(label, names), args.saturation, args.engine_duration,
+                                       args.seed + k)
+            results.append({"app": app, "workload": label, "concurrency": args.saturation, "round": k, **stats,
+                            "load_average": load_before})
+            print(f"r{k} {app:27s} {label:12s} C={args.saturation}  {stats['output_tokens_per_s']:8.1f} tok/s  "
+                  f"{stats['mean_rows_per_step']} tokens/step  load {load_before}", flush=True)
+    finally:
+        for engine in engines.values():
             engine.close()
     return results
 
 
-def run_app(app: str, root: Path, names: list[str], points: list[Point], args) -> tuple[list[dict], dict]:
-    started = time.perf_counter()
-    serve.run(build_app(app_args(root, app == "one_adapter_per_step")), name="flora", route_prefix="/")
-    ready_s = time.perf_counter() - started
-    warm_s = asyncio.run(warm_up(f"http://127.0.0.1:{PORT}/v1/completions", names))
-    print(f"{app}: ready in {ready_s:.1f} s, warm-up ({len(names)} adapters) {warm_s:.1f} s", flush=True)
-    results = [run_point(p, names, args.duration, args.seed + i) for i, p in enumerate(points)]
-    stats = serve.get_app_handle("flora").replica_stats.remote().result()
-    serve.delete("flora")
-    return results, {"ready_s": round(ready_s, 1), "warm_up_s": round(warm_s, 1), "replicas": stats}
+def deploy_apps(root: Path, names: list[str]) -> dict:
+    """Both applications, side by side (ROUTES), each warmed with every adapter; their start-up times."""
+    apps = {}
+    for app, route in ROUTES.items():
+        started = time.perf_counter()
+        serve.run(build_app(app_args(root, app == "one_adapter_per_step")), name=app, route_prefix=route)
+        ready_s = time.perf_counter() - started
+        warm_s = asyncio.run(warm_up(completions_url(app), names))
+        print(f"{app}: ready in {ready_s:.1f} s, warm-up ({len(names)} adapters) {warm_s:.1f} s", flush=True)
+        apps[app] = {"ready_s": round(ready_s, 1), "warm_up_s": round(warm_s, 1)}
+    return apps
 
 
 def main() -> None:
@@ -192,6 +220,8 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[4.0, 8.0, 12.0], help="Poisson rates, req/s")
     parser.add_argument("--engine-duration", type=float, default=None,
                         help="seconds per engine-only point (default 10; quick 4)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds of the headline and engine-only points (default 3; quick 1)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
@@ -199,7 +229,8 @@ def main() -> None:
     args = parser.parse_args()
     args.duration = args.duration or (5.0 if args.quick else 15.0)
     args.engine_duration = args.engine_duration or (4.0 if args.quick else 10.0)
-    points = plan(args.quick, tuple(args.rates), args.saturation)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    points = plan(args.quick, tuple(args.rates), args.saturation, args.rounds)
     stem = args.tag or ("serving_e2e_quick" if args.quick else "serving_e2e")
     info = machine_info(torch.device("cpu"))
     started = time.perf_counter()
@@ -211,9 +242,10 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-            for app in ("ours", "one_adapter_per_step"):
-                app_results, apps[app] = run_app(app, Path(tmp), names, [p for p in points if p.app == app], args)
-                results += app_results
+            apps = deploy_apps(Path(tmp), names)
+            results = [run_point(p, names, args.duration, args.seed + i) for i, p in enumerate(points)]
+            for app in ROUTES:
+                apps[app]["replicas"] = serve.get_app_handle(app).replica_stats.remote().result()
         finally:
             serve.shutdown()
             ray.shutdown()

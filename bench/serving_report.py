@@ -14,59 +14,103 @@ APP_LABEL = {"ours": "flora-serve (adapters mixed in every batch)",
 COLOR = {"ours": "tab:blue", "one_adapter_per_step": "tab:red"}
 
 
+def _matching(results: list[dict], app: str, workload: str, concurrency=None, rate=None, stream=True) -> list[dict]:
+    return [r for r in results if (r["app"], r["workload"], r.get("concurrency"), r.get("rate"),
+                                   r.get("stream", True)) == (app, workload, concurrency, rate, stream)]
+
+
+def _median_point(points: list[dict]) -> dict | None:
+    """The point of median throughput (the lower median for an even count); None if there is none."""
+    ranked = sorted(points, key=lambda r: r["output_tokens_per_s"])
+    return ranked[(len(ranked) - 1) // 2] if ranked else None
+
+
 def _find(results: list[dict], app: str, workload: str, concurrency=None, rate=None, stream=True) -> dict | None:
-    for r in results:
-        if (r["app"], r["workload"], r["concurrency"], r["rate"], r.get("stream", True)) == (
-                app, workload, concurrency, rate, stream):
-            return r
-    return None
+    """The point measured for this app, workload and load: the median round where it ran in rounds."""
+    return _median_point(_matching(results, app, workload, concurrency, rate, stream))
+
+
+def _spread(results: list[dict], app: str, workload: str, concurrency=None, stream=True) -> str:
+    """' (lo-hi over N rounds)' for a point run in rounds, '' for one run once."""
+    values = [r["output_tokens_per_s"] for r in _matching(results, app, workload, concurrency, stream=stream)]
+    return f" ({min(values):.0f}-{max(values):.0f})" if len(values) > 1 else ""
+
+
+def _rounds_of(results: list[dict]) -> int:
+    return len({r.get("round") for r in results if r.get("round") is not None})
+
+
+def _ratio_range(results: list[dict], numerator: tuple, denominator: tuple, stream=True) -> tuple[float, float] | None:
+    """min and max over rounds of the ratio of two points' throughput measured in the same round."""
+    by_round = {}
+    for key, (app, workload, c) in (("num", numerator), ("den", denominator)):
+        for r in _matching(results, app, workload, c, stream=stream):
+            if r.get("round") is not None:
+                by_round.setdefault(r["round"], {})[key] = r["output_tokens_per_s"]
+    ratios = [v["num"] / v["den"] for v in by_round.values() if len(v) == 2 and v["den"]]
+    return (min(ratios), max(ratios)) if len(ratios) > 1 else None
+
+
+def _verdict(value: float, target: float, text: str, spread: tuple[float, float] | None, percent: bool) -> str:
+    shown = (lambda v: f"{v:.0%}") if percent else (lambda v: f"{v:.1f}x")
+    rounds = f"; {shown(spread[0])}-{shown(spread[1])} round by round" if spread else ""
+    return f"{shown(value)} {text} (target >= {shown(target)}: {'met' if value >= target else 'missed'}{rounds})"
 
 
 def headline(result: dict) -> list[str]:
     results, c = result["results"], result["settings"]["saturation"]
-    base = _find(results, "ours", "base", c)
-    ours = _find(results, "ours", "uniform-100", c)
-    one = _find(results, "one_adapter_per_step", "uniform-100", c)
-    if not (base and ours):
-        return []
-    share = ours["output_tokens_per_s"] / base["output_tokens_per_s"]
-    lines = [f"## Headline: 100 adapters drawn uniformly, closed loop of {c} concurrent streams", "",
-             "| | output tokens/s | requests/s | vs target |", "|---|---:|---:|---|",
-             f"| base model only (the ceiling) | {base['output_tokens_per_s']:.0f} | {base['requests_per_s']:.1f} | |",
-             f"| flora-serve, uniform over 100 adapters | {ours['output_tokens_per_s']:.0f} | "
-             f"{ours['requests_per_s']:.1f} | {share:.0%} of the base (target >= 85%: "
-             f"{'met' if share >= 0.85 else 'missed'}) |"]
-    if one:
-        speedup = ours["output_tokens_per_s"] / max(one["output_tokens_per_s"], 1e-9)
-        lines.append(f"| one adapter per batch, uniform over 100 | {one['output_tokens_per_s']:.0f} | "
-                     f"{one['requests_per_s']:.1f} | flora-serve is {speedup:.1f}x this (target >= 3x: "
-                     f"{'met' if speedup >= 3 else 'missed'}) |")
-    base_w, ours_w = _find(results, "ours", "base", c, stream=False), _find(results, "ours", "uniform-100", c,
-                                                                           stream=False)
-    one_w = _find(results, "one_adapter_per_step", "uniform-100", c, stream=False)
-    if base_w and ours_w:
-        apps = [base_w, ours_w] + ([one_w] if one_w else [])
-        versus = f"{ours_w['output_tokens_per_s'] / base_w['output_tokens_per_s']:.0%} of the base"
-        if one_w:
-            versus += f", {ours_w['output_tokens_per_s'] / one_w['output_tokens_per_s']:.1f}x one adapter per batch"
-        lines.append("| whole answers, no streaming: base only / uniform-100"
-                     + (" / one adapter per batch" if one_w else "") + " | "
-                     + " / ".join(f"{r['output_tokens_per_s']:.0f}" for r in apps) + " | "
-                     + " / ".join(f"{r['requests_per_s']:.1f}" for r in apps) + f" | {versus} |")
+    rounds = _rounds_of(results)
+    lines = [f"## Headline: 100 adapters drawn uniformly, closed loop of {c} concurrent streams", ""]
+    if rounds > 1:
+        lines += [f"Each point ran in {rounds} interleaved rounds (rotated order); a cell is the median round, "
+                  "with the range over rounds in brackets. Ratios are of the medians; beside them, the range of the "
+                  "same ratio taken within each round.", ""]
+    lines += ["| | output tokens/s | requests/s | vs target |", "|---|---:|---:|---|"]
+    base_key, ours_key, one_key = ("ours", "base", c), ("ours", "uniform-100", c), ("one_adapter_per_step",
+                                                                                   "uniform-100", c)
+    for stream, how in ((True, "streaming"), (False, "whole answers, no streaming")):
+        base, ours, one = (_find(results, *key, stream=stream) for key in (base_key, ours_key, one_key))
+        if not (base and ours):
+            continue
+        share = ours["output_tokens_per_s"] / base["output_tokens_per_s"]
+        lines += [f"| {how}: base model only (the ceiling) | {base['output_tokens_per_s']:.0f}"
+                  f"{_spread(results, *base_key, stream=stream)} | {base['requests_per_s']:.1f} | |",
+                  f"| {how}: flora-serve, uniform over 100 adapters | {ours['output_tokens_per_s']:.0f}"
+                  f"{_spread(results, *ours_key, stream=stream)} | {ours['requests_per_s']:.1f} | "
+                  + _verdict(share, 0.85, "of the base", _ratio_range(results, ours_key, base_key, stream), True)
+                  + " |"]
+        if one:
+            speedup = ours["output_tokens_per_s"] / max(one["output_tokens_per_s"], 1e-9)
+            lines.append(f"| {how}: one adapter per batch, uniform over 100 | {one['output_tokens_per_s']:.0f}"
+                         f"{_spread(results, *one_key, stream=stream)} | {one['requests_per_s']:.1f} | flora-serve is "
+                         + _verdict(speedup, 3.0, "this", _ratio_range(results, ours_key, one_key, stream), False)
+                         + " |")
     return lines + [""]
+
+
+def engine_medians(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """(app, workload) -> its median round among the engine-only points, in the order they first ran."""
+    keys = dict.fromkeys((r["app"], r["workload"]) for r in rows)
+    return {key: _median_point([r for r in rows if (r["app"], r["workload"]) == key]) for key in keys}
 
 
 def engine_table(result: dict) -> list[str]:
     rows = result.get("engine_only") or []
     if not rows:
         return []
-    base = next((r for r in rows if r["app"] == "engine" and r["workload"] == "base"), None)
-    lines = ["## The engine alone (no Ray, no HTTP): the same closed loop against `Engine.step()`", "",
-             "| engine | workload | output tokens/s | vs base | requests/s | steps/s | tokens per step | load avg |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+    medians = engine_medians(rows)
+    base = medians.get(("engine", "base"))
+    rounds = _rounds_of(rows)
+    lines = ["## The engine alone (no Ray, no HTTP): the same closed loop against `Engine.step()`", ""]
+    if rounds > 1:
+        lines += [f"{rounds} interleaved rounds; each row is the median round, the range over rounds in brackets.", ""]
+    lines += ["| engine | workload | output tokens/s | vs base | requests/s | steps/s | tokens per step | load avg |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for key, r in medians.items():
+        values = [p["output_tokens_per_s"] for p in rows if (p["app"], p["workload"]) == key]
+        spread = f" ({min(values):.0f}-{max(values):.0f})" if len(values) > 1 else ""
         share = f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.0%}" if base else ""
-        lines.append(f"| {r['app']} | {r['workload']} | {r['output_tokens_per_s']:.0f} | {share} | "
+        lines.append(f"| {r['app']} | {r['workload']} | {r['output_tokens_per_s']:.0f}{spread} | {share} | "
                      f"{r['requests_per_s']:.1f} | {r['steps_per_s']:.0f} | {r['mean_rows_per_step']} | "
                      f"{(r['load_average'] or [None])[0]} |")
     return lines + [""]
@@ -92,16 +136,17 @@ def write_markdown(result: dict, path: Path) -> None:
              f"Application arguments: `{result['app_args']}`.", ""]
     lines += headline(result) + engine_table(result)
     lines += ["## Every point", "",
-              "| app | workload | load | req/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
+              "| app | workload | load | round | req/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
               "chunk gap p50 / p99 ms | tok/chunk | e2e p50 ms | failed / sent | load avg (1 min) |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["results"]:
         load = f"closed, C={r['concurrency']}" if r["mode"] == "closed" else f"Poisson {r['rate']:g}/s"
         load += "" if r.get("stream", True) else ", whole answers (no streaming)"
         ttft = "-" if r["ttft_ms_p50"] is None else f"{r['ttft_ms_p50']} / {r['ttft_ms_p99']}"
         itl = "-" if r["itl_ms_p50"] is None else f"{r['itl_ms_p50']} / {r['itl_ms_p99']}"
         tpot = "-" if r.get("tpot_ms_p50") is None else f"{r['tpot_ms_p50']} / {r['tpot_ms_p99']}"
-        lines.append(f"| {r['app']} | {r['workload']} | {load} | {r['requests_per_s']:.1f} | "
+        round_ = "" if r.get("round") is None else r["round"]
+        lines.append(f"| {r['app']} | {r['workload']} | {load} | {round_} | {r['requests_per_s']:.1f} | "
                      f"{r['output_tokens_per_s']:.0f} | {ttft} | {tpot} | {itl} | {r.get('tokens_per_chunk') or '-'} | "
                      f"{r['e2e_ms_p50']} | "
                      f"{r['failed']} / {r['requests']} | "
@@ -119,7 +164,7 @@ def _throughput_plot(result: dict, path: Path) -> Path | None:
     if not closed or base is None:
         return None
     workloads = sorted({r["workload"] for r in closed}, key=lambda w: (w.split("-")[0], int(w.split("-")[1])))
-    engine = result.get("engine_only") or []
+    engine = list(engine_medians(result.get("engine_only") or []).values())
     fig, (ax, ax_engine) = plt.subplots(1, 2, figsize=(13, 4.8), width_ratios=(3, 1.2))
     width = 0.4
     for j, app in enumerate(APP_LABEL):
