@@ -60,7 +60,7 @@ def test_headline_reports_median_rounds_and_ratio_ranges_within_rounds():
     lines = "\n".join(headline(_result(base, ours, one)))
     share = statistics.median(ours) / statistics.median(base)  # 480 / 550
     per_round = sorted(o / b for o, b in zip(ours, base))  # 0.80, 0.94, 0.96
-    assert f"| 550 (500-600) |" in lines
+    assert "| 550 (500-600) |" in lines
     assert (f"{share:.0%} of the base (target >= 85%: met; {per_round[0]:.0%}-{per_round[-1]:.0%} round by round)"
             in lines)
     speedups = sorted(o / n for o, n in zip(ours, one))
