@@ -1,6 +1,6 @@
 """The engine alone under the serving benchmark's workloads: no Ray, no HTTP, one process.
 
-    python -m bench.engine_load --model llama-moderate      # ~2 min on 2 CPU cores
+    python -m bench.engine_load --model llama-moderate      # ~3.5 min on 2 CPU cores
 
 It separates what batching across adapters gains inside the engine from what the serving stack
 (Ray Serve's proxy and handles, per-token SSE chunks) costs: the same closed loop of C requests
@@ -24,7 +24,8 @@ from transformers import AutoTokenizer
 
 from bench.overhead_model import build_base
 from bench.serving_load import Workload
-from bench.timing import load_average, machine_info
+from bench.serving_report import engine_table
+from bench.timing import interleaved, load_average, machine_info
 from flora_core.adapter_weights import AdapterKind, AdapterWeights, LoraModule
 from flora_core.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from flora_core.engine import Engine, EngineConfig
@@ -101,8 +102,9 @@ def random_lora(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> Ada
         for name, (d_in, d_out) in shapes.items()})
 
 
-def run_model(model_name: str, adapters: int, rank: int, concurrency: int, duration_s: float, seed: int) -> list[dict]:
-    """base / uniform over `adapters` / the same with one adapter per step, on one patched model."""
+def run_model(model_name: str, adapters: int, rank: int, concurrency: int, duration_s: float, seed: int,
+              rounds: int) -> list[dict]:
+    """base / uniform over `adapters` / the same with one adapter per step, on one patched model, in rounds."""
     model = MultiAdapterModel(build_base(model_name, torch.device("cpu"), torch.float32), capacity=SlotCapacity(
         lora_slots=2 * concurrency, lora_max_rank=rank, flora_slots=1, ia3_slots=1))
     shapes = {n: (layer.d_in, layer.d_out) for n, layer in model.layers.items()}
@@ -111,19 +113,21 @@ def run_model(model_name: str, adapters: int, rank: int, concurrency: int, durat
         model.add_adapter(name, random_lora(shapes, rank, seed=i))
     vocab = model.model.config.vocab_size
     encode = lambda text: [3 + ord(c) % (vocab - 3) for c in text]  # noqa: E731 - a stand-in tokenizer
+    points = [("base", None), (f"uniform-{adapters}", None), (f"uniform-{adapters}", 1)]
     results = []
-    for label, limit in (("base", None), (f"uniform-{adapters}", None), (f"uniform-{adapters}", 1)):
+    for k, (label, limit) in interleaved(points, rounds):
         engine = Engine(model, EngineConfig(max_model_len=64, max_running=64, max_batched_tokens=256,
                                             max_adapters_per_step=limit))
         workload = Workload(label, () if label == "base" else tuple(names))
         load_before = load_average()
         try:
-            stats = engine_closed_loop(engine, workload, concurrency, duration_s, seed, encode)
+            stats = engine_closed_loop(engine, workload, concurrency, duration_s, seed + k, encode)
         finally:
             engine.close()
         results.append({"app": "engine" if limit is None else "engine_one_adapter_per_step", "model": model_name,
-                        "workload": label, "concurrency": concurrency, **stats, "load_average": load_before})
-        print(f"{results[-1]['app']:27s} {label:12s} {stats['output_tokens_per_s']:8.1f} tok/s "
+                        "workload": label, "concurrency": concurrency, "round": k, **stats,
+                        "load_average": load_before})
+        print(f"r{k} {results[-1]['app']:27s} {label:12s} {stats['output_tokens_per_s']:8.1f} tok/s "
               f"{stats['steps_per_s']:6.1f} steps/s {stats['mean_rows_per_step']} tokens/step load {load_before}",
               flush=True)
     return results
@@ -135,14 +139,16 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=100)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds per point")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per point and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each point's median round is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
     info = machine_info(torch.device("cpu"))
-    results = run_model(args.model, args.adapters, args.rank, args.concurrency, args.duration, args.seed)
+    results = run_model(args.model, args.adapters, args.rank, args.concurrency, args.duration, args.seed,
+                        args.rounds)
     info |= {"load_average_after": load_average(), "seconds": round(time.perf_counter() - started)}
     stem = f"engine_load_{args.model}"
     command = " ".join(["python -m bench.engine_load", *sys.argv[1:]])
@@ -150,17 +156,11 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{stem}.json").write_text(json.dumps(
         {"machine": info, "command": command, "settings": settings, "results": results}, indent=1))
-    base = results[0]["output_tokens_per_s"]
     lines = [f"# The engine alone on `{args.model}`: {args.adapters} LoRA adapters (rank {args.rank}, every linear "
              f"layer), closed loop of {args.concurrency}", "",
              f"Machine: {info['cpu']} ({info['cpu_count']} cores), torch {info['torch']}, 1 thread, float32. Load "
              f"average before: {info['load_average_1_5_15']}, after: {info['load_average_after']}. Ran "
-             f"{info['seconds']} s. Command: `{command}`", "",
-             "| engine | workload | output tokens/s | vs base | steps/s | tokens per step | load avg |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['app']} | {r['workload']} | {r['output_tokens_per_s']:.1f} | "
-              f"{r['output_tokens_per_s'] / base:.0%} "
-              f"| {r['steps_per_s']:.1f} | {r['mean_rows_per_step']} | {r['load_average'][0]} |" for r in results]
+             f"{info['seconds']} s. Command: `{command}`", "", *engine_table({"engine_only": results})]
     (args.out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out_dir / stem}.json and .md in {info['seconds']} s")
 

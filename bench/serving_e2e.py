@@ -48,7 +48,7 @@ from bench.engine_load import build_engine, engine_closed_loop
 from bench.serving_load import Workload, closed_loop, poisson, summarize
 from bench.result_files import write_results
 from bench.serving_report import write_markdown, write_plots
-from bench.timing import load_average, machine_info
+from bench.timing import interleaved, load_average, machine_info
 from deploy.app import build_app
 from flora_core import AdapterKind, AdapterWeights, LoraModule, save_adapter
 from flora_core.default_model import DEFAULT_MODEL_NAME, default_model_dir
@@ -78,15 +78,6 @@ def headline_points(saturation: int) -> list[Point]:
     """The points the targets are read from: base, uniform-100 and one adapter per batch, streamed and whole."""
     return [Point(app, workload, saturation, stream=stream) for stream in (True, False)
             for app, workload in (("ours", "base"), ("ours", "uniform-100"), ("one_adapter_per_step", "uniform-100"))]
-
-
-def interleaved(points: list, rounds: int) -> list[tuple[int, object]]:
-    """(round, point) for `rounds` rounds over points, each round rotated by one, so none always runs first."""
-    order = []
-    for k in range(rounds):
-        shift = k % len(points)
-        order += [(k, p) for p in points[shift:] + points[:shift]]
-    return order
 
 
 def plan(quick: bool, rates: tuple[float, ...], saturation: int, rounds: int) -> list[Point]:

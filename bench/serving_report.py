@@ -88,6 +88,11 @@ def headline(result: dict) -> list[str]:
     return lines + [""]
 
 
+def _rate(value: float) -> str:
+    """A rate with a decimal where it is small (a wide model's engine makes tens of tokens/s)."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
 def engine_medians(rows: list[dict]) -> dict[tuple[str, str], dict]:
     """(app, workload) -> its median round among the engine-only points, in the order they first ran."""
     keys = dict.fromkeys((r["app"], r["workload"]) for r in rows)
@@ -108,10 +113,10 @@ def engine_table(result: dict) -> list[str]:
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     for key, r in medians.items():
         values = [p["output_tokens_per_s"] for p in rows if (p["app"], p["workload"]) == key]
-        spread = f" ({min(values):.0f}-{max(values):.0f})" if len(values) > 1 else ""
+        spread = f" ({_rate(min(values))}-{_rate(max(values))})" if len(values) > 1 else ""
         share = f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.0%}" if base else ""
-        lines.append(f"| {r['app']} | {r['workload']} | {r['output_tokens_per_s']:.0f}{spread} | {share} | "
-                     f"{r['requests_per_s']:.1f} | {r['steps_per_s']:.0f} | {r['mean_rows_per_step']} | "
+        lines.append(f"| {r['app']} | {r['workload']} | {_rate(r['output_tokens_per_s'])}{spread} | {share} | "
+                     f"{r['requests_per_s']:.1f} | {_rate(r['steps_per_s'])} | {r['mean_rows_per_step']} | "
                      f"{(r['load_average'] or [None])[0]} |")
     return lines + [""]
 

@@ -65,6 +65,19 @@ class Timer:
         return (time.perf_counter() - start_s) * 1e3
 
 
+def interleaved(points: list, rounds: int) -> list[tuple[int, object]]:
+    """(round, point) for `rounds` rounds over points, each round rotated by one, so none always runs first.
+
+    For benchmarks whose points run for seconds each: a drift in the machine's load over minutes
+    then lands on every point alike, and the median round of each point is compared.
+    """
+    order = []
+    for k in range(rounds):
+        shift = k % len(points)
+        order += [(k, p) for p in points[shift:] + points[:shift]]
+    return order
+
+
 def load_average() -> tuple[float, float, float] | None:
     """The 1, 5 and 15 minute load averages (None where the OS has none)."""
     try:

@@ -14,8 +14,9 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from bench.serving_e2e import Point, headline_points, interleaved, plan  # noqa: E402 - after the skip
+from bench.serving_e2e import Point, headline_points, plan  # noqa: E402 - after the skip
 from bench.serving_report import engine_table, headline, write_markdown, write_plots  # noqa: E402
+from bench.timing import interleaved  # noqa: E402
 
 SATURATION = 32
 
