@@ -225,7 +225,6 @@ def main() -> None:
     stem = args.tag or ("serving_e2e_quick" if args.quick else "serving_e2e")
     info = machine_info(torch.device("cpu"))
     started = time.perf_counter()
-    results, apps = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         names = write_lora_adapters(Path(tmp), 100 if args.quick else max(ADAPTER_COUNTS), args.rank)
         print(f"wrote {len(names)} adapters in {time.perf_counter() - started:.1f} s", flush=True)

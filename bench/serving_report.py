@@ -30,10 +30,19 @@ def _find(results: list[dict], app: str, workload: str, concurrency=None, rate=N
     return _median_point(_matching(results, app, workload, concurrency, rate, stream))
 
 
+def _rate(value: float) -> str:
+    """A rate with a decimal where it is small (a wide model's engine makes tens of tokens/s)."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def _range_text(points: list[dict]) -> str:
+    """' (lo-hi)' of the points' output tokens/s for a point run in rounds, '' for one run once."""
+    values = [r["output_tokens_per_s"] for r in points]
+    return f" ({_rate(min(values))}-{_rate(max(values))})" if len(values) > 1 else ""
+
+
 def _spread(results: list[dict], app: str, workload: str, concurrency=None, stream=True) -> str:
-    """' (lo-hi over N rounds)' for a point run in rounds, '' for one run once."""
-    values = [r["output_tokens_per_s"] for r in _matching(results, app, workload, concurrency, stream=stream)]
-    return f" ({min(values):.0f}-{max(values):.0f})" if len(values) > 1 else ""
+    return _range_text(_matching(results, app, workload, concurrency, stream=stream))
 
 
 def _rounds_of(results: list[dict]) -> int:
@@ -88,32 +97,33 @@ def headline(result: dict) -> list[str]:
     return lines + [""]
 
 
-def _rate(value: float) -> str:
-    """A rate with a decimal where it is small (a wide model's engine makes tens of tokens/s)."""
-    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+def _engine_groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(app, workload) -> its engine-only points (one per round), in the order they first ran."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["app"], r["workload"]), []).append(r)
+    return groups
 
 
 def engine_medians(rows: list[dict]) -> dict[tuple[str, str], dict]:
     """(app, workload) -> its median round among the engine-only points, in the order they first ran."""
-    keys = dict.fromkeys((r["app"], r["workload"]) for r in rows)
-    return {key: _median_point([r for r in rows if (r["app"], r["workload"]) == key]) for key in keys}
+    return {key: _median_point(points) for key, points in _engine_groups(rows).items()}
 
 
 def engine_table(result: dict) -> list[str]:
     rows = result.get("engine_only") or []
     if not rows:
         return []
-    medians = engine_medians(rows)
-    base = medians.get(("engine", "base"))
+    groups = _engine_groups(rows)
+    base = _median_point(groups.get(("engine", "base"), []))
     rounds = _rounds_of(rows)
     lines = ["## The engine alone (no Ray, no HTTP): the same closed loop against `Engine.step()`", ""]
     if rounds > 1:
         lines += [f"{rounds} interleaved rounds; each row is the median round, the range over rounds in brackets.", ""]
     lines += ["| engine | workload | output tokens/s | vs base | requests/s | steps/s | tokens per step | load avg |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for key, r in medians.items():
-        values = [p["output_tokens_per_s"] for p in rows if (p["app"], p["workload"]) == key]
-        spread = f" ({_rate(min(values))}-{_rate(max(values))})" if len(values) > 1 else ""
+    for points in groups.values():
+        r, spread = _median_point(points), _range_text(points)
         share = f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.0%}" if base else ""
         lines.append(f"| {r['app']} | {r['workload']} | {_rate(r['output_tokens_per_s'])}{spread} | {share} | "
                      f"{r['requests_per_s']:.1f} | {_rate(r['steps_per_s'])} | {r['mean_rows_per_step']} | "

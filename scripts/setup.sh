@@ -10,13 +10,15 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 TRITON_VERSION=${TRITON_VERSION:-3.6.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-if command -v nvidia-smi >/dev/null 2>&1; then
+HAS_GPU=false
+command -v nvidia-smi >/dev/null 2>&1 && HAS_GPU=true
+if $HAS_GPU; then
   echo "setup: GPU found, installing torch==$TORCH_VERSION (CUDA build)"
 else
   echo "setup: no GPU found, installing torch==$TORCH_VERSION (CPU build where one is offered)"
 fi
 .venv/bin/python -m pip install --quiet "torch==$TORCH_VERSION"
-if ! command -v nvidia-smi >/dev/null 2>&1; then
+if ! $HAS_GPU; then
   # A CUDA build of torch brings its own Triton; here it only runs the Triton LoRA kernels under
   # its interpreter in tests/test_triton_lora.py. Skipped (the test skips too) where no wheel fits.
   echo "setup: installing triton==$TRITON_VERSION for the kernel tests (Triton's CPU interpreter)"
