@@ -7,7 +7,8 @@
 
 A step: take new requests and aborts; admit waiting requests whose adapter is in host memory
 (pinning it in a device slot); decode one token for every running row in one forward pass;
-prefill the admitted prompts as one left-padded batch, each row with its own adapter; retire
+prefill the admitted prompts as one left-padded batch, each row with its own adapter (prompts
+that ask for prompt_logprobs in a second batch, which keeps every position's logits); retire
 finished rows (unpinning their adapters) and concatenate the prefilled rows into the running
 batch (`running_batch`). Adapters mix freely in every forward pass (`model.adapter_scope`).
 
@@ -48,6 +49,7 @@ from flora_core.adapter_loader import AdapterLoader
 from flora_core.adapter_pool import PoolExhaustedError, UnknownAdapterError
 from flora_core.detokenizer import TextCodec
 from flora_core.multi_adapter_model import MultiAdapterModel
+from flora_core.prompt_logprobs import prompt_logprobs
 from flora_core.request_output import EngineStats, RequestOutput, TokenLogprob
 from flora_core.request_state import RequestState
 from flora_core.request_validation import (
@@ -199,13 +201,13 @@ class Engine:
         self._prefilling = self._admit(outputs)
         if self._batch is not None:
             outputs += self._decode()
-        joining = None
+        joining = []
         if self._prefilling:
             joining, prefill_outputs = self._prefill(self._prefilling)
             outputs += prefill_outputs
         self._batch, self._rows, self._next_input = self._keep_unfinished(self._batch, self._rows, self._next_input)
-        if joining is not None:
-            self._join(*self._keep_unfinished(*joining))
+        for prefilled in joining:
+            self._join(*self._keep_unfinished(*prefilled))
         self._prefilling = []
         self._finish_bookkeeping(outputs)
         return outputs
@@ -296,16 +298,35 @@ class Engine:
         self._next_input, outputs = self._sample(self._rows, logits)
         return outputs
 
-    def _prefill(self, states: list[RequestState]) -> tuple[tuple, list[RequestOutput]]:
+    def _prefill(self, states: list[RequestState]) -> tuple[list[tuple], list[RequestOutput]]:
+        """The admitted prompts, prefilled: a (batch, rows, next input) to join per pass, and first tokens.
+
+        Prompts that ask for prompt_logprobs prefill in a pass of their own, which keeps the logits
+        of every position ([rows, S, V]); the others keep the last position's only.
+        """
+        joining, outputs = [], []
+        scoring = [state for state in states if state.params.prompt_logprobs is not None]
+        plain = [state for state in states if state.params.prompt_logprobs is None]
+        for group in (plain, scoring):
+            if group:
+                prefilled, group_outputs = self._prefill_pass(group, every_position=group is scoring)
+                joining.append(prefilled)
+                outputs += group_outputs
+        return joining, outputs
+
+    def _prefill_pass(self, states: list[RequestState], every_position: bool) -> tuple[tuple, list[RequestOutput]]:
         """The prompts of `states` as one left-padded batch: (batch, rows, next input) and first tokens."""
         inputs = prefill_inputs([state.prompt_ids for state in states], self._model.device)
         cache = DynamicCache()
         with self._model.adapter_scope([state.slot for state in states], inputs.input_ids.shape[1]):
             logits = self._model.model(
                 input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
-            ).logits[:, -1]
-        tokens, outputs = self._sample(states, logits)
+                past_key_values=cache, use_cache=True, logits_to_keep=0 if every_position else 1,
+            ).logits  # [rows, S or 1, V]
+        if every_position:
+            for row, state in enumerate(states):
+                state.prompt_logprobs = prompt_logprobs(logits[row], state.prompt_ids, state.params.prompt_logprobs)
+        tokens, outputs = self._sample(states, logits[:, -1])
         return (after_prefill(cache, inputs), states, tokens), outputs
 
     def _sample(self, states: list[RequestState], logits: torch.Tensor) -> tuple[torch.Tensor, list[RequestOutput]]:

@@ -15,11 +15,11 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token's log probability under the model, and the most likely alternatives."""
+    """One token's log probability under the model (given the tokens before it), and the most likely alternatives."""
 
     token_id: int
     logprob: float
-    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first; SamplingParams.logprobs of them
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first; as many as the params ask
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ class RequestOutput:
     usage: Usage
     timings: RequestTimings
     error: BaseException | None = None  # set with finish_reason "error" (e.g. an adapter that failed to load)
+    # One per prompt token, the first None (nothing precedes it); None unless asked for
+    # (SamplingParams.prompt_logprobs). Set from the output of the request's first token on.
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)

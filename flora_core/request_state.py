@@ -44,6 +44,7 @@ class RequestState:
         self.pinned = False
         self.output_ids: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
+        self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # set by the prefill that asked
         self.text = ""
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None
@@ -106,6 +107,7 @@ class RequestState:
             usage=Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids)),
             timings=self._timings(),
             error=self.error,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
     def _finish(self, reason: FinishReason, stop_reason: str | int | None) -> None:

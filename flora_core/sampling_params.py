@@ -4,7 +4,8 @@
 
 The prompt travels beside the parameters (`Engine.add_request(prompt, params, adapter=...)`), as
 in vLLM: it is checked against the model's vocabulary and the engine's limits there. `n > 1`
-is one level up (n requests, seeds seed, seed + 1, ...); `echo` is not offered.
+is one level up (n requests, seeds seed, seed + 1, ...), and so is `echo` (the router returns the
+prompt, with `prompt_logprobs` as its log probabilities).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class SamplingParams:
     ignore_eos: keep generating past the model's end-of-sequence token.
     logprobs: also return, per generated token, its log probability and the top `logprobs`
         alternatives (0: the chosen token's only); None: no log probabilities.
+    prompt_logprobs: also return, per prompt token after the first, its log probability given
+        the tokens before it and the top `prompt_logprobs` alternatives (scoring a text, as
+        vLLM's prompt_logprobs); None: not computed. Such prompts prefill in a pass of their own
+        that keeps the logits of every position.
     """
 
     max_tokens: int = 16
@@ -46,6 +51,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1, fix="pass max_tokens >= 1")
@@ -69,12 +75,12 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", _stop_token_ids(self.stop_token_ids))
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"SamplingParams.ignore_eos={self.ignore_eos!r}; pass True or False")
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, low=0, fix=f"pass logprobs in [0, {MAX_LOGPROBS}], or None")
-            if self.logprobs > MAX_LOGPROBS:
-                raise ValueError(
-                    f"SamplingParams.logprobs={self.logprobs}; pass logprobs in [0, {MAX_LOGPROBS}], or None"
-                )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, low=0, fix=f"pass {name} in [0, {MAX_LOGPROBS}], or None")
+                if value > MAX_LOGPROBS:
+                    raise ValueError(f"SamplingParams.{name}={value}; pass {name} in [0, {MAX_LOGPROBS}], or None")
 
     @property
     def greedy(self) -> bool:

@@ -30,6 +30,9 @@ BAD_PARAMS = [
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"logprobs": 21}, "logprobs"),
     ({"logprobs": -1}, "logprobs"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"prompt_logprobs": 2.0}, "prompt_logprobs"),
     ({"ignore_eos": "yes"}, "ignore_eos"),
 ]
 
