@@ -28,6 +28,7 @@ class GenerateRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, description="Strings that end generation (not returned).")
     stop_token_ids: list[int] = Field(default_factory=list)
     logprobs: Optional[int] = Field(None, description="Top log-probabilities per generated token.")
+    prompt_logprobs: Optional[int] = Field(None, description="Top log-probabilities per prompt token (scoring).")
 
 
 class GenerateUsage(BaseModel):
@@ -42,6 +43,8 @@ class GenerateResponse(BaseModel):
     finish_reason: Literal["stop", "length"]
     usage: GenerateUsage
     logprobs: Optional[list[dict]] = Field(None, description="Per token: token_id, logprob, top [[id, logprob]].")
+    prompt_logprobs: Optional[list[Optional[dict]]] = Field(
+        None, description="Per prompt token, as logprobs; None for the first (nothing precedes it).")
     time_to_first_token_s: Optional[float] = None
 
 

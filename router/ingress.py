@@ -121,26 +121,28 @@ class FloraIngress:
     async def _completions(self, body: CompletionRequest):
         prompts = body.prompts()
         fmt.check_counts(body.n, len(prompts), MAX_CHOICES)
-        if body.echo and body.logprobs is not None:
-            raise bad_request("echo together with logprobs is not supported; drop one of them", "echo")
+        echo_only = fmt.echo_only(body)
+        prompt_logprobs = body.logprobs if body.echo else None  # echo + logprobs scores the prompt too
         adapter = await self._adapter_ref(body.model)
         jobs, echoes, prompt_lens = [], [], []
         for prompt in prompts:
             ids = fmt.tokenize_prompt(self.tokenizer, prompt, self.vocab_size, self.max_prompt_chars)
             prompt_lens.append(len(ids))
-            echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if body.echo else ""
+            echo = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if body.echo else None
             for _ in range(body.n):
                 params = fmt.sampling_params(body, len(ids), self.settings.max_model_len,
-                                             self.settings.default_max_tokens, body.logprobs, len(jobs))
+                                             self.settings.default_max_tokens, body.logprobs, len(jobs),
+                                             prompt_logprobs)
                 jobs.append(self._job(ids, params, adapter))
                 echoes.append(echo)
         want_logprobs = body.logprobs is not None
         if body.stream:
-            return await self._stream_completion(body, jobs, echoes, prompt_lens, want_logprobs)
+            return await self._stream_completion(body, jobs, echoes, prompt_lens, want_logprobs, echo_only)
         outputs = await self._run_all(jobs, body.model)
-        choices = [fmt.completion_choice(self.tokenizer, i, o, echoes[i], want_logprobs, delta=False)
-                   for i, o in enumerate(outputs)]
-        return CompletionResponse(model=body.model, choices=choices, usage=fmt.usage_of(outputs, prompt_lens))
+        choices = [fmt.completion_choice(self.tokenizer, i, o, echoes[i], want_logprobs, delta=False,
+                                         echo_only=echo_only) for i, o in enumerate(outputs)]
+        return CompletionResponse(model=body.model, choices=choices,
+                                  usage=fmt.usage_of(outputs, prompt_lens, echo_only))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
@@ -193,10 +195,13 @@ class FloraIngress:
         """One request, whole answer; ValueError names the bad field, UnknownAdapter-style 404s as KeyError."""
         job, adapter_name = await self._handle_job(request)
         output = (await self._run_all([job], adapter_name))[0]
-        logprobs = None if output.logprobs is None else [
-            {"token_id": t.token_id, "logprob": t.logprob, "top": [list(x) for x in t.top]} for t in output.logprobs]
+        def entry(t):
+            return None if t is None else {"token_id": t.token_id, "logprob": t.logprob, "top": [list(x) for x in t.top]}
+
+        logprobs = None if output.logprobs is None else [entry(t) for t in output.logprobs]
+        prompt_logprobs = None if output.prompt_logprobs is None else [entry(t) for t in output.prompt_logprobs]
         return GenerateResponse(adapter=request.adapter, text=output.text, token_ids=list(output.token_ids),
-                                finish_reason=fmt._finish(output), logprobs=logprobs,
+                                finish_reason=fmt._finish(output), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                                 usage=GenerateUsage(prompt_tokens=output.usage.prompt_tokens,
                                                     completion_tokens=output.usage.completion_tokens),
                                 time_to_first_token_s=output.timings.time_to_first_token)
@@ -223,7 +228,8 @@ class FloraIngress:
             adapter = await self._adapter_ref(name)
             ids = fmt.tokenize_prompt(self.tokenizer, request.prompt, self.vocab_size, self.max_prompt_chars)
             params = fmt.sampling_params(body, len(ids), self.settings.max_model_len,
-                                         self.settings.default_max_tokens, request.logprobs, 0)
+                                         self.settings.default_max_tokens, request.logprobs, 0,
+                                         request.prompt_logprobs)
         except ApiError as error:
             if error.status == 404:
                 raise KeyError(error.message) from None
@@ -373,7 +379,8 @@ class FloraIngress:
             for stream, _ in started:
                 await stream.aclose()
 
-    async def _stream_completion(self, body: CompletionRequest, jobs, echoes, prompt_lens, want_logprobs):
+    async def _stream_completion(self, body: CompletionRequest, jobs, echoes, prompt_lens, want_logprobs,
+                                 echo_only: bool):
         admission, started = await self._start_streams(jobs)
         completion_id, finals = f"cmpl-{uuid.uuid4().hex}", {}
 
@@ -381,14 +388,15 @@ class FloraIngress:
             sent_echo = set()
             async with aclosing(self._merged(started)) as merged:
                 async for index, output in merged:
-                    echo = echoes[index] if index not in sent_echo else ""
+                    echo = echoes[index] if index not in sent_echo else None  # the prompt goes in a choice's first chunk
                     sent_echo.add(index)
-                    choice = fmt.completion_choice(self.tokenizer, index, output, echo, want_logprobs, delta=True)
+                    choice = fmt.completion_choice(self.tokenizer, index, output, echo, want_logprobs, delta=True,
+                                                   echo_only=echo_only)
                     yield fmt.sse(CompletionResponse(id=completion_id, model=body.model, choices=[choice]))
                     if output.finished:
                         finals[index] = output
             if body.stream_options and body.stream_options.include_usage:
-                usage = fmt.usage_of(list(finals.values()), prompt_lens)
+                usage = fmt.usage_of(list(finals.values()), prompt_lens, echo_only)
                 yield fmt.sse(CompletionResponse(id=completion_id, model=body.model, choices=[], usage=usage))
 
         return self._sse_response(body.model, admission, chunks(), finals)

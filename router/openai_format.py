@@ -68,14 +68,30 @@ def chat_prompt_ids(tokenizer, request: ChatCompletionRequest, max_chars: int) -
     return list(ids)
 
 
+def echo_only(body: CompletionRequest) -> bool:
+    """echo with max_tokens 0: the answer is the prompt alone (with its logprobs), as OpenAI's and
+    vLLM's completions give it; 400 for max_tokens 0 without echo, which would return nothing."""
+    if body.max_tokens != 0:
+        return False
+    if not body.echo:
+        raise bad_request("max_tokens=0 generates nothing; pass max_tokens >= 1, or echo=true (with logprobs) "
+                          "to get the prompt back, scored", "max_tokens")
+    return True
+
+
 def sampling_params(body: SamplingFields, prompt_len: int, max_model_len: int, default_max_tokens: int,
-                    logprobs: Optional[int], choice_index: int) -> SamplingParams:
-    """SamplingParams for one choice, with the context check; 400 naming the field otherwise."""
+                    logprobs: Optional[int], choice_index: int, prompt_logprobs: Optional[int] = None) -> SamplingParams:
+    """SamplingParams for one choice, with the context check; 400 naming the field otherwise.
+
+    An echo-only completion (max_tokens 0) asks the engine for one token, which the answer leaves out.
+    """
     max_tokens = body.max_tokens
     if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
         max_tokens = body.max_completion_tokens
     if max_tokens is None:
         max_tokens = max(1, min(default_max_tokens, max_model_len - prompt_len))
+    if isinstance(body, CompletionRequest) and echo_only(body):
+        max_tokens = 1
     if prompt_len + max_tokens > max_model_len:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens; the prompt has {prompt_len} and "
@@ -85,7 +101,7 @@ def sampling_params(body: SamplingFields, prompt_len: int, max_model_len: int, d
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, seed=seed, stop=tuple(body.stop_strings()),
                               stop_token_ids=tuple(body.stop_token_ids or ()), logprobs=logprobs,
-                              ignore_eos=body.ignore_eos)
+                              prompt_logprobs=prompt_logprobs, ignore_eos=body.ignore_eos)
     except ValueError as error:
         field = _FIELD_IN_MESSAGE.search(str(error))
         raise bad_request(str(error), field.group(1) if field else None) from error
@@ -100,27 +116,39 @@ def check_counts(n: int, prompts: int, limit: int) -> None:
         raise bad_request(f"n x prompts = {n * prompts} completions in one request; the limit is {limit}", "n")
 
 
-def completion_logprobs(tokenizer, logprobs: Sequence[TokenLogprob], start_offset: int) -> CompletionLogprobs:
+def completion_logprobs(tokenizer, entries: Sequence[tuple[int, Optional[TokenLogprob]]]) -> CompletionLogprobs:
+    """OpenAI's completion logprobs from (token id, its logprob) pairs; None for a prompt's first token."""
     result = CompletionLogprobs()
-    offset = start_offset
-    for item in logprobs:
-        token = tokenizer.decode([item.token_id])
+    offset = 0
+    for token_id, item in entries:
+        token = tokenizer.decode([token_id])
         result.tokens.append(token)
-        result.token_logprobs.append(item.logprob)
-        result.top_logprobs.append({tokenizer.decode([t]): lp for t, lp in item.top})
+        result.token_logprobs.append(None if item is None else item.logprob)
+        result.top_logprobs.append(None if item is None else {tokenizer.decode([t]): lp for t, lp in item.top})
         result.text_offset.append(offset)
         offset += len(token)
     return result
 
 
-def completion_choice(tokenizer, index: int, output: RequestOutput, echo_text: str, want_logprobs: bool,
-                      delta: bool) -> CompletionChoice:
-    """A choice from an output: its whole text, or (delta=True) this step's increment."""
-    text = output.delta_text if delta else output.text
-    items = output.delta_logprobs if delta else output.logprobs
-    logprobs = completion_logprobs(tokenizer, items or (), len(echo_text)) if want_logprobs else None
-    return CompletionChoice(index=index, text=echo_text + text, logprobs=logprobs,
-                            finish_reason=_finish(output) if output.finished else None)
+def completion_choice(tokenizer, index: int, output: RequestOutput, echo_text: Optional[str], want_logprobs: bool,
+                      delta: bool, echo_only: bool = False) -> CompletionChoice:
+    """A choice from an output: its whole text, or (delta=True) this step's increment.
+
+    echo_text: the prompt, put before the completion (None: not echoed, or already sent in this
+    stream); with logprobs, the prompt's tokens and their logprobs (the first None) come first.
+    echo_only: the answer is the prompt alone (max_tokens 0); the engine's one token is left out.
+    """
+    text = "" if echo_only else (output.delta_text if delta else output.text)
+    entries = []
+    if echo_text is not None and output.prompt_logprobs is not None:
+        entries += zip(output.prompt_token_ids, output.prompt_logprobs)
+    if not echo_only:
+        entries += ((item.token_id, item) for item in (output.delta_logprobs if delta else output.logprobs) or ())
+    finish_reason = None
+    if output.finished:
+        finish_reason = "length" if echo_only else _finish(output)
+    return CompletionChoice(index=index, text=(echo_text or "") + text, finish_reason=finish_reason,
+                            logprobs=completion_logprobs(tokenizer, entries) if want_logprobs else None)
 
 
 def chat_logprobs(tokenizer, items: Sequence[TokenLogprob]) -> ChatLogprobs:
@@ -131,10 +159,10 @@ def chat_logprobs(tokenizer, items: Sequence[TokenLogprob]) -> ChatLogprobs:
     ])
 
 
-def usage_of(outputs: Sequence[RequestOutput], prompt_lens: Sequence[int]) -> Usage:
-    """OpenAI's usage: every prompt once, every choice's completion tokens."""
+def usage_of(outputs: Sequence[RequestOutput], prompt_lens: Sequence[int], echo_only: bool = False) -> Usage:
+    """OpenAI's usage: every prompt once, every choice's completion tokens (none when echo_only)."""
     prompt = sum(prompt_lens)
-    completion = sum(o.usage.completion_tokens for o in outputs)
+    completion = 0 if echo_only else sum(o.usage.completion_tokens for o in outputs)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 

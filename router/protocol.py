@@ -71,8 +71,9 @@ class CompletionRequest(SamplingFields):
     prompt: Union[str, list[int], list[str], list[list[int]]] = Field(
         description="Text, token ids, or a list of either (one completion set per prompt)."
     )
-    logprobs: Optional[int] = Field(None, description=f"Top log-probabilities per token, 0 to {MAX_LOGPROBS}.")
-    echo: bool = Field(False, description="Return the prompt before the completion.")
+    logprobs: Optional[int] = Field(None, description=f"Top log-probabilities per token, 0 to {MAX_LOGPROBS}; "
+                                    "with echo, the prompt's tokens too (the first has none).")
+    echo: bool = Field(False, description="Return the prompt before the completion; with max_tokens 0, alone.")
     best_of: Optional[int] = Field(None, description="Not supported beyond n.")
     suffix: Optional[str] = Field(None, description="Not supported.")
 

@@ -2,7 +2,8 @@
 
 The adapters are random (so they visibly change greedy outputs) and saved as real adapter
 directories under a temporary adapter root; the reference for every answer is the engine run
-in this process, one request alone.
+in this process, one request alone, and for log probabilities the adapter merged into the
+model's weights, run alone.
 """
 
 from __future__ import annotations
@@ -54,6 +55,19 @@ def app_args(adapter_root: Path, **overrides) -> dict:
     return {"model": DEFAULT_MODEL_NAME, "adapter_dir": str(adapter_root), "max_model_len": MAX_MODEL_LEN,
             "lora_slots": 8, "flora_slots": 4, "ia3_slots": 2, "lora_max_rank": 8, "flora_max_rank": 4,
             "enable_adapter_management": True, "management_token": "test-token", **overrides}
+
+
+@torch.no_grad()
+def merged_logprobs(adapter_root: Path, adapter: str | None, ids: list[int]) -> torch.Tensor:
+    """[L, V]: row i is the log distribution after ids[:i + 1], with the adapter merged into the weights."""
+    from transformers import AutoModelForCausalLM
+
+    from flora_core import load_adapter
+    from tests.reference import merge_adapter
+
+    base = AutoModelForCausalLM.from_pretrained(default_model_dir()).eval()
+    model = merge_adapter(base, None if adapter is None else load_adapter(adapter_root / adapter))
+    return model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
 
 
 def engine_alone_texts(adapter_root: Path, requests: list[tuple[str | None, str, int]]) -> list[str]:

@@ -15,9 +15,11 @@ import ray
 from ray import serve
 
 from deploy.app import build_app
-from flora_core.default_model import DEFAULT_MODEL_NAME
+from flora_core.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from router.handle_api import GenerateRequest
-from tests.serving_fixtures import PROMPTS, TEST_ADAPTERS, app_args, engine_alone_texts, write_test_adapters
+from tests.serving_fixtures import (
+    PROMPTS, TEST_ADAPTERS, app_args, engine_alone_texts, merged_logprobs, write_test_adapters,
+)
 
 BASE_URL = "http://127.0.0.1:8000"
 TOKEN = {"Authorization": "Bearer test-token"}
@@ -117,6 +119,66 @@ def test_merged_stream_carries_every_token_and_logprob(app):
         assert chunks < len(tokens)  # merged: 24 chunks would need a second per engine step
 
 
+SCORED = [DEFAULT_MODEL_NAME, "lora-r8", "flora-r4", "ia3-a"]
+
+
+def test_echo_with_logprobs_scores_the_prompt_under_each_adapter(app, adapter_root):
+    """lm-evaluation-harness's loglikelihood request (echo, logprobs=1, max_tokens=1, token ids) and
+    prompt scoring (echo, max_tokens=0), for several adapters at once, against each merged alone."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(default_model_dir())("serving=")["input_ids"]
+
+    async def score(client, model):
+        harness = await client.completions.create(model=model, prompt=ids, echo=True, logprobs=1, max_tokens=1,
+                                                  temperature=0)
+        scored = await client.completions.create(model=model, prompt="serving=", echo=True, logprobs=3,
+                                                 max_tokens=0)
+        return harness, scored
+
+    async def each(client):
+        return await asyncio.gather(*(score(client, m) for m in SCORED))
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    references = {}
+    for model, (harness, scored) in zip(SCORED, with_client(each)):
+        expected = references[model] = merged_logprobs(adapter_root, None if model == DEFAULT_MODEL_NAME else model, ids)
+        prompt_expected = [expected[i - 1, ids[i]].item() for i in range(1, len(ids))]
+        choice = scored.choices[0]
+        assert choice.text == "serving=" and choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+        assert choice.logprobs.tokens == [tokenizer.decode([t]) for t in ids]
+        assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx(prompt_expected, abs=1e-4), model
+        for i, top in enumerate(choice.logprobs.top_logprobs[1:]):
+            best = expected[i].topk(3)
+            assert list(top) == [tokenizer.decode([t]) for t in best.indices.tolist()]
+            assert list(top.values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+        lm_eval = harness.choices[0].logprobs
+        generated = expected[-1].argmax().item()
+        assert len(lm_eval.token_logprobs) == len(ids) + 1 and lm_eval.token_logprobs[0] is None
+        assert lm_eval.token_logprobs[1:len(ids)] == pytest.approx(prompt_expected, abs=1e-4)
+        assert lm_eval.token_logprobs[-1] == pytest.approx(expected[-1, generated].item(), abs=1e-4)
+        generated_text = "" if generated == tokenizer.eos_token_id else tokenizer.decode([generated])  # EOS adds none
+        assert harness.choices[0].text == tokenizer.decode(ids) + generated_text
+    base = references[DEFAULT_MODEL_NAME]
+    for model in SCORED[1:]:
+        assert (references[model] - base).abs().max() > 0.05, f"{model} barely changes the scores: a vacuous check"
+
+
+def test_streamed_echo_carries_the_prompt_logprobs_once(app):
+    async def both(client):
+        kwargs = dict(model="lora-r2", prompt="zebra=", echo=True, logprobs=2, max_tokens=6, temperature=0)
+        whole = await client.completions.create(**kwargs)
+        chunks = [c.choices[0] async for c in await client.completions.create(**kwargs, stream=True)]
+        return whole.choices[0], chunks
+
+    whole, chunks = with_client(both)
+    assert chunks[0].text.startswith("zebra=") and "".join(c.text for c in chunks) == whole.text
+    assert [t for c in chunks for t in c.logprobs.tokens] == whole.logprobs.tokens
+    streamed = [lp for c in chunks for lp in c.logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-5)
+
+
 def test_chat_completions_use_the_chat_template(app):
     async def ask(client):
         chat = await client.chat.completions.create(model="flora-r4", messages=[{"role": "user", "content": "hello"}],
@@ -141,7 +203,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(app):
         assert bad_top_p.body["param"] == "top_p"
         too_long = await expect(client, openai.BadRequestError, max_tokens=500)
         assert too_long.body["param"] == "max_tokens"
-        await expect(client, openai.BadRequestError, max_tokens=0)
+        no_echo = await expect(client, openai.BadRequestError, max_tokens=0)
+        assert no_echo.body["param"] == "max_tokens" and "echo" in no_echo.body["message"]
         await expect(client, openai.BadRequestError, temperature=-1)
         await expect(client, openai.BadRequestError, prompt="")
         await expect(client, openai.BadRequestError, prompt=[10_000_000])
@@ -192,6 +255,13 @@ def test_python_handle_api(app, adapter_root):
     chunks = list(handle.options(stream=True).generate_stream.remote(
         GenerateRequest(adapter="flora-r2", prompt="abcde=", max_tokens=10)))
     assert "".join(c.delta_text for c in chunks) == reply.text
+    scored = handle.generate.remote(GenerateRequest(adapter="flora-r2", prompt=[5, 9, 17, 4], max_tokens=1,
+                                                    prompt_logprobs=2)).result()
+    expected = merged_logprobs(adapter_root, "flora-r2", [5, 9, 17, 4])
+    assert scored.prompt_logprobs[0] is None and len(scored.prompt_logprobs) == 4
+    for i, entry in enumerate(scored.prompt_logprobs[1:]):
+        assert entry["logprob"] == pytest.approx(expected[i, entry["token_id"]].item(), abs=1e-4)
+        assert [t for t, _ in entry["top"]] == expected[i].topk(2).indices.tolist()
 
 
 def test_overload_answers_503_with_retry_after_then_recovers(app):
