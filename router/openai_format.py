@@ -74,8 +74,8 @@ def echo_only(body: CompletionRequest) -> bool:
     if body.max_tokens != 0:
         return False
     if not body.echo:
-        raise bad_request("max_tokens=0 generates nothing; pass max_tokens >= 1, or echo=true (with logprobs) "
-                          "to get the prompt back, scored", "max_tokens")
+        raise bad_request("max_tokens=0 generates nothing; pass max_tokens >= 1 (or, on /v1/completions, "
+                          "echo=true with logprobs to get the prompt back, scored)", "max_tokens")
     return True
 
 
