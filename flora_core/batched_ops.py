@@ -93,6 +93,7 @@ def lora_strategy(name: str) -> LoraDeltaFn:
                          "'bgmv' needs Triton, which CUDA builds of torch install")
     return strategy
 
+
 # The rule, from bench/lora_strategies.py (README, Performance). bmm pays per chunk (it copies
 # each chunk's A and B), grouped pays per adapter (two matmul calls each). A batch with a single
 # adapter takes grouped (no copy at all); with more, bmm needs few chunks per adapter (decode,

@@ -305,11 +305,10 @@ class Engine:
         of every position ([rows, S, V]); the others keep the last position's only.
         """
         joining, outputs = [], []
-        scoring = [state for state in states if state.params.prompt_logprobs is not None]
-        plain = [state for state in states if state.params.prompt_logprobs is None]
-        for group in (plain, scoring):
+        for every_position in (False, True):
+            group = [state for state in states if (state.params.prompt_logprobs is not None) == every_position]
             if group:
-                prefilled, group_outputs = self._prefill_pass(group, every_position=group is scoring)
+                prefilled, group_outputs = self._prefill_pass(group, every_position)
                 joining.append(prefilled)
                 outputs += group_outputs
         return joining, outputs

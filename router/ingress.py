@@ -68,6 +68,14 @@ async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
     return error_for_exception(error).response()
 
 
+def _logprob_dicts(items) -> Optional[list]:
+    """The handle API's logprobs: per token {token_id, logprob, top: [[id, logprob]]}, None where a token has none."""
+    if items is None:
+        return None
+    return [None if t is None else {"token_id": t.token_id, "logprob": t.logprob, "top": [list(x) for x in t.top]}
+            for t in items]
+
+
 @serve.ingress(app)
 class FloraIngress:
     """See the module docstring. Deployed by deploy.app.build_app."""
@@ -121,7 +129,7 @@ class FloraIngress:
     async def _completions(self, body: CompletionRequest):
         prompts = body.prompts()
         fmt.check_counts(body.n, len(prompts), MAX_CHOICES)
-        echo_only = fmt.echo_only(body)
+        echo_only = body.echo_only
         prompt_logprobs = body.logprobs if body.echo else None  # echo + logprobs scores the prompt too
         adapter = await self._adapter_ref(body.model)
         jobs, echoes, prompt_lens = [], [], []
@@ -195,13 +203,9 @@ class FloraIngress:
         """One request, whole answer; ValueError names the bad field, UnknownAdapter-style 404s as KeyError."""
         job, adapter_name = await self._handle_job(request)
         output = (await self._run_all([job], adapter_name))[0]
-        def entry(t):
-            return None if t is None else {"token_id": t.token_id, "logprob": t.logprob, "top": [list(x) for x in t.top]}
-
-        logprobs = None if output.logprobs is None else [entry(t) for t in output.logprobs]
-        prompt_logprobs = None if output.prompt_logprobs is None else [entry(t) for t in output.prompt_logprobs]
         return GenerateResponse(adapter=request.adapter, text=output.text, token_ids=list(output.token_ids),
-                                finish_reason=fmt._finish(output), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                finish_reason=fmt._finish(output), logprobs=_logprob_dicts(output.logprobs),
+                                prompt_logprobs=_logprob_dicts(output.prompt_logprobs),
                                 usage=GenerateUsage(prompt_tokens=output.usage.prompt_tokens,
                                                     completion_tokens=output.usage.completion_tokens),
                                 time_to_first_token_s=output.timings.time_to_first_token)

@@ -68,17 +68,6 @@ def chat_prompt_ids(tokenizer, request: ChatCompletionRequest, max_chars: int) -
     return list(ids)
 
 
-def echo_only(body: CompletionRequest) -> bool:
-    """echo with max_tokens 0: the answer is the prompt alone (with its logprobs), as OpenAI's and
-    vLLM's completions give it; 400 for max_tokens 0 without echo, which would return nothing."""
-    if body.max_tokens != 0:
-        return False
-    if not body.echo:
-        raise bad_request("max_tokens=0 generates nothing; pass max_tokens >= 1 (or, on /v1/completions, "
-                          "echo=true with logprobs to get the prompt back, scored)", "max_tokens")
-    return True
-
-
 def sampling_params(body: SamplingFields, prompt_len: int, max_model_len: int, default_max_tokens: int,
                     logprobs: Optional[int], choice_index: int, prompt_logprobs: Optional[int] = None) -> SamplingParams:
     """SamplingParams for one choice, with the context check; 400 naming the field otherwise.
@@ -90,7 +79,10 @@ def sampling_params(body: SamplingFields, prompt_len: int, max_model_len: int, d
         max_tokens = body.max_completion_tokens
     if max_tokens is None:
         max_tokens = max(1, min(default_max_tokens, max_model_len - prompt_len))
-    if isinstance(body, CompletionRequest) and echo_only(body):
+    if max_tokens == 0:
+        if not (isinstance(body, CompletionRequest) and body.echo_only):
+            raise bad_request("max_tokens=0 generates nothing; pass max_tokens >= 1 (or, on /v1/completions, "
+                              "echo=true with logprobs to get the prompt back, scored)", "max_tokens")
         max_tokens = 1
     if prompt_len + max_tokens > max_model_len:
         raise bad_request(
@@ -139,16 +131,18 @@ def completion_choice(tokenizer, index: int, output: RequestOutput, echo_text: O
     echo_only: the answer is the prompt alone (max_tokens 0); the engine's one token is left out.
     """
     text = "" if echo_only else (output.delta_text if delta else output.text)
-    entries = []
-    if echo_text is not None and output.prompt_logprobs is not None:
-        entries += zip(output.prompt_token_ids, output.prompt_logprobs)
-    if not echo_only:
-        entries += ((item.token_id, item) for item in (output.delta_logprobs if delta else output.logprobs) or ())
+    logprobs = None
+    if want_logprobs:
+        entries = []
+        if echo_text is not None and output.prompt_logprobs is not None:
+            entries += zip(output.prompt_token_ids, output.prompt_logprobs)
+        if not echo_only:
+            entries += ((item.token_id, item) for item in (output.delta_logprobs if delta else output.logprobs) or ())
+        logprobs = completion_logprobs(tokenizer, entries)
     finish_reason = None
     if output.finished:
         finish_reason = "length" if echo_only else _finish(output)
-    return CompletionChoice(index=index, text=(echo_text or "") + text, finish_reason=finish_reason,
-                            logprobs=completion_logprobs(tokenizer, entries) if want_logprobs else None)
+    return CompletionChoice(index=index, text=(echo_text or "") + text, logprobs=logprobs, finish_reason=finish_reason)
 
 
 def chat_logprobs(tokenizer, items: Sequence[TokenLogprob]) -> ChatLogprobs:

@@ -85,6 +85,11 @@ class CompletionRequest(SamplingFields):
             raise ValueError("suffix is not supported; leave it unset")
         return self
 
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the answer is the prompt alone (with its logprobs), as OpenAI and vLLM give it."""
+        return self.echo and self.max_tokens == 0
+
     def prompts(self) -> list[Union[str, list[int]]]:
         """The prompts as a list: one text or one token-id list each."""
         prompt = self.prompt

@@ -9,6 +9,7 @@ model's weights, run alone.
 from __future__ import annotations
 
 import asyncio
+import functools
 from pathlib import Path
 
 import torch
@@ -57,16 +58,20 @@ def app_args(adapter_root: Path, **overrides) -> dict:
             "enable_adapter_management": True, "management_token": "test-token", **overrides}
 
 
+@functools.cache
+def _embedded_base():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_model_dir()).eval()
+
+
 @torch.no_grad()
 def merged_logprobs(adapter_root: Path, adapter: str | None, ids: list[int]) -> torch.Tensor:
     """[L, V]: row i is the log distribution after ids[:i + 1], with the adapter merged into the weights."""
-    from transformers import AutoModelForCausalLM
-
     from flora_core import load_adapter
     from tests.reference import merge_adapter
 
-    base = AutoModelForCausalLM.from_pretrained(default_model_dir()).eval()
-    model = merge_adapter(base, None if adapter is None else load_adapter(adapter_root / adapter))
+    model = merge_adapter(_embedded_base(), None if adapter is None else load_adapter(adapter_root / adapter))
     return model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
 
 

@@ -127,7 +127,8 @@ def test_echo_with_logprobs_scores_the_prompt_under_each_adapter(app, adapter_ro
     prompt scoring (echo, max_tokens=0), for several adapters at once, against each merged alone."""
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(default_model_dir())("serving=")["input_ids"]
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    ids = tokenizer("serving=")["input_ids"]
 
     async def score(client, model):
         harness = await client.completions.create(model=model, prompt=ids, echo=True, logprobs=1, max_tokens=1,
@@ -139,7 +140,6 @@ def test_echo_with_logprobs_scores_the_prompt_under_each_adapter(app, adapter_ro
     async def each(client):
         return await asyncio.gather(*(score(client, m) for m in SCORED))
 
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
     references = {}
     for model, (harness, scored) in zip(SCORED, with_client(each)):
         expected = references[model] = merged_logprobs(adapter_root, None if model == DEFAULT_MODEL_NAME else model, ids)
