@@ -49,6 +49,7 @@ from flora_core.adapter_loader import AdapterLoader
 from flora_core.adapter_pool import PoolExhaustedError, UnknownAdapterError
 from flora_core.detokenizer import TextCodec
 from flora_core.multi_adapter_model import MultiAdapterModel
+from flora_core.penalties import PenaltyBatch
 from flora_core.prompt_logprobs import prompt_logprobs
 from flora_core.request_output import EngineStats, RequestOutput, TokenLogprob
 from flora_core.request_state import RequestState
@@ -331,7 +332,10 @@ class Engine:
     def _sample(self, states: list[RequestState], logits: torch.Tensor) -> tuple[torch.Tensor, list[RequestOutput]]:
         """Pick each row's token ([rows] long) and record it in its request."""
         logits = logits.float()
-        batch = SamplingBatch.from_params([s.params for s in states], [s.generator for s in states], logits.device)
+        params = [state.params for state in states]
+        penalties = PenaltyBatch.from_rows(params, [state.prompt_ids for state in states],
+                                           [state.output_ids for state in states], logits.shape[1], logits.device)
+        batch = SamplingBatch.from_params(params, [state.generator for state in states], logits.device, penalties)
         tokens = next_tokens(logits, batch)
         logprobs = _logprobs(states, logits, tokens)
         outputs = [state.append(token, logprobs.get(row)) for row, (state, token) in

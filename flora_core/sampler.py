@@ -2,8 +2,9 @@
 
 Every function takes logits [B, V] (float32) and per-row parameters; rows never mix, so a row's
 token depends only on its own logits and its own generator, whatever else is in the batch.
-The order of the warpers is transformers' (temperature, then top-k, then top-p); greedy rows
-take the argmax of the raw logits, as `generate(do_sample=False)` does.
+The order is vLLM's and transformers': the penalties first (flora_core/penalties.py), then
+temperature, top-k and top-p; greedy rows take the argmax of the penalized logits, as
+`generate(do_sample=False, repetition_penalty=...)` does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from flora_core.penalties import PenaltyBatch, apply_penalties
 from flora_core.sampling_params import SamplingParams
 
 
@@ -24,10 +26,12 @@ class SamplingBatch:
     top_k: torch.Tensor  # [B] long: 0 = off
     top_p: torch.Tensor  # [B] float32: 1 = off
     generators: tuple[torch.Generator | None, ...]  # B entries: each sampled row's own generator
+    penalties: PenaltyBatch | None = None  # None: no row has a penalty
 
     @staticmethod
     def from_params(
-        params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None], device: torch.device
+        params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None], device: torch.device,
+        penalties: PenaltyBatch | None = None,
     ) -> "SamplingBatch":
         return SamplingBatch(
             temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32,
@@ -35,6 +39,7 @@ class SamplingBatch:
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             generators=tuple(generators),
+            penalties=penalties,
         )
 
 
@@ -88,10 +93,13 @@ def sample_rows(logits: torch.Tensor, generators: Sequence[torch.Generator | Non
 
 
 def next_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Each row's next token: argmax for greedy rows, else sampled after temperature, top-k, top-p.
+    """Each row's next token after its penalties: argmax for greedy rows, else sampled after
+    temperature, top-k and top-p.
 
     logits: [B, V] float32. Returns [B] long.
     """
+    if batch.penalties is not None:
+        logits = apply_penalties(logits, batch.penalties)
     tokens = logits.argmax(dim=-1)
     sampled = torch.nonzero(batch.temperature > 0).flatten()
     if sampled.numel() == 0:

@@ -1,6 +1,7 @@
 """What one completion request asks of the engine: OpenAI's completions parameters, validated once.
 
     params = SamplingParams(max_tokens=32, temperature=0.7, top_p=0.9, seed=42, stop=["\\n\\n"])
+    params = SamplingParams(max_tokens=32, frequency_penalty=0.5, repetition_penalty=1.2)
 
 The prompt travels beside the parameters (`Engine.add_request(prompt, params, adapter=...)`), as
 in vLLM: it is checked against the model's vocabulary and the engine's limits there. `n > 1`
@@ -19,6 +20,7 @@ MAX_LOGPROBS = 20  # most alternatives per generated token, as OpenAI's chat API
 # softmax to NaN (vLLM uses the same threshold).
 MIN_SAMPLING_TEMPERATURE = 1e-5
 MAX_INT64 = 2**63 - 1
+MAX_PRESENCE_OR_FREQUENCY_PENALTY = 2.0  # OpenAI's range for both is [-2, 2]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,14 @@ class SamplingParams:
         the tokens before it and the top `prompt_logprobs` alternatives (scoring a text, as
         vLLM's prompt_logprobs); None: not computed. Such prompts prefill in a pass of their own
         that keeps the logits of every position.
+    presence_penalty: OpenAI's, in [-2, 2]: subtracted once from the logit of every token the
+        output has so far; 0 turns it off.
+    frequency_penalty: OpenAI's, in [-2, 2]: subtracted from a token's logit once per time the
+        output has it so far; 0 turns it off.
+    repetition_penalty: transformers' and vLLM's, > 0: the logit of a token in the prompt or the
+        output so far is divided by it when positive and multiplied by it otherwise; 1 turns it off.
+    The penalties apply before temperature, top-k and top-p, to greedy requests too (as vLLM);
+    logprobs stay the model's own (flora_core/penalties.py).
     """
 
     max_tokens: int = 16
@@ -52,6 +62,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1, fix="pass max_tokens >= 1")
@@ -81,6 +94,21 @@ class SamplingParams:
                 _check_int(name, value, low=0, fix=f"pass {name} in [0, {MAX_LOGPROBS}], or None")
                 if value > MAX_LOGPROBS:
                     raise ValueError(f"SamplingParams.{name}={value}; pass {name} in [0, {MAX_LOGPROBS}], or None")
+
+        for name in ("presence_penalty", "frequency_penalty"):
+            fix = f"pass {name} in [-2, 2]; 0 turns it off"
+            _check_float(name, getattr(self, name), fix)
+            if abs(getattr(self, name)) > MAX_PRESENCE_OR_FREQUENCY_PENALTY:
+                raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}; {fix}")
+        _check_float("repetition_penalty", self.repetition_penalty, "pass repetition_penalty > 0; 1 turns it off")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"SamplingParams.repetition_penalty={self.repetition_penalty!r}; pass repetition_penalty "
+                             "> 0 (above 1 discourages repeats, below 1 encourages them); 1 turns it off")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any of the three penalties is on."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     @property
     def greedy(self) -> bool:

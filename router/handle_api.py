@@ -29,6 +29,9 @@ class GenerateRequest(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     logprobs: Optional[int] = Field(None, description="Top log-probabilities per generated token.")
     prompt_logprobs: Optional[int] = Field(None, description="Top log-probabilities per prompt token (scoring).")
+    presence_penalty: float = Field(0.0, description="In [-2, 2], as OpenAI's; 0 is off.")
+    frequency_penalty: float = Field(0.0, description="In [-2, 2], as OpenAI's; 0 is off.")
+    repetition_penalty: float = Field(1.0, description="> 0, as transformers' and vLLM's; 1 is off.")
 
 
 class GenerateUsage(BaseModel):

@@ -227,7 +227,10 @@ class FloraIngress:
         body = CompletionRequest(model=name, prompt=request.prompt, max_tokens=request.max_tokens,
                                  temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                                  seed=request.seed, stop=request.stop or None,
-                                 stop_token_ids=request.stop_token_ids or None)
+                                 stop_token_ids=request.stop_token_ids or None,
+                                 presence_penalty=request.presence_penalty,
+                                 frequency_penalty=request.frequency_penalty,
+                                 repetition_penalty=request.repetition_penalty)
         try:
             adapter = await self._adapter_ref(name)
             ids = fmt.tokenize_prompt(self.tokenizer, request.prompt, self.vocab_size, self.max_prompt_chars)

@@ -93,7 +93,9 @@ def sampling_params(body: SamplingFields, prompt_len: int, max_model_len: int, d
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, seed=seed, stop=tuple(body.stop_strings()),
                               stop_token_ids=tuple(body.stop_token_ids or ()), logprobs=logprobs,
-                              prompt_logprobs=prompt_logprobs, ignore_eos=body.ignore_eos)
+                              prompt_logprobs=prompt_logprobs, ignore_eos=body.ignore_eos,
+                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                              repetition_penalty=body.repetition_penalty)
     except ValueError as error:
         field = _FIELD_IN_MESSAGE.search(str(error))
         raise bad_request(str(error), field.group(1) if field else None) from error

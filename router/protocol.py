@@ -49,15 +49,16 @@ class SamplingFields(BaseModel):
     seed: Optional[int] = Field(None, description="Makes sampling reproducible for this request.")
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (vLLM's extension).")
     user: Optional[str] = None
-    presence_penalty: float = Field(0.0, description="Not supported: only 0.")
-    frequency_penalty: float = Field(0.0, description="Not supported: only 0.")
+    presence_penalty: float = Field(0.0, description="In [-2, 2]: lowers the logit of each token the output has.")
+    frequency_penalty: float = Field(0.0, description="In [-2, 2]: lowers a token's logit per time the output has it.")
+    repetition_penalty: float = Field(1.0, description="> 0 (vLLM's extension): divides the positive logits of "
+                                      "prompt and output tokens, multiplies the negative ones; 1 is off.")
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("presence_penalty", "frequency_penalty", "repetition_penalty", mode="before")
     @classmethod
-    def _only_zero(cls, value: float, info) -> float:
-        if value != 0.0:
-            raise ValueError(f"{info.field_name} is not supported yet; leave it at 0")
-        return value
+    def _null_is_off(cls, value, info):
+        """null turns a penalty off, as OpenAI's API (whose penalties are nullable) and vLLM take it."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:

@@ -58,3 +58,29 @@ def per_row_logits(base_model: nn.Module, adapters: list[AdapterWeights | None],
         mask = None if attention_mask is None else attention_mask[i : i + 1]
         rows.append(merged_cache[key](input_ids=input_ids[i : i + 1], attention_mask=mask).logits)
     return torch.cat(rows)
+
+
+@torch.no_grad()
+def penalized_greedy(model: nn.Module, prompt: list[int], max_tokens: int, *, presence: float = 0.0,
+                     frequency: float = 0.0, repetition: float = 1.0, eos_token_id: int | None = None) -> list[int]:
+    """Greedy tokens with the penalties applied token by token, as their definitions read.
+
+    Full forward for every token (no cache); one token's logit at a time: the repetition penalty
+    over prompt and output so far (transformers' RepetitionPenaltyLogitsProcessor), then
+    frequency (times the token's count in the output) and presence (once per token in the output).
+    """
+    ids, output = list(prompt), []
+    for _ in range(max_tokens):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float().clone()  # [V]
+        for token in set(ids):
+            if repetition != 1:
+                logits[token] = logits[token] / repetition if logits[token] > 0 else logits[token] * repetition
+        for token in set(output):
+            count = output.count(token)
+            logits[token] = logits[token] - frequency * count - presence
+        token = int(logits.argmax())
+        ids.append(token)
+        output.append(token)
+        if token == eos_token_id:
+            break
+    return output

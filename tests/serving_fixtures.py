@@ -65,13 +65,18 @@ def _embedded_base():
     return AutoModelForCausalLM.from_pretrained(default_model_dir()).eval()
 
 
-@torch.no_grad()
-def merged_logprobs(adapter_root: Path, adapter: str | None, ids: list[int]) -> torch.Tensor:
-    """[L, V]: row i is the log distribution after ids[:i + 1], with the adapter merged into the weights."""
+def merged_model(adapter_root: Path, adapter: str | None):
+    """The embedded model with the adapter merged into its weights (None: the base model): the per-row reference."""
     from flora_core import load_adapter
     from tests.reference import merge_adapter
 
-    model = merge_adapter(_embedded_base(), None if adapter is None else load_adapter(adapter_root / adapter))
+    return merge_adapter(_embedded_base(), None if adapter is None else load_adapter(adapter_root / adapter))
+
+
+@torch.no_grad()
+def merged_logprobs(adapter_root: Path, adapter: str | None, ids: list[int]) -> torch.Tensor:
+    """[L, V]: row i is the log distribution after ids[:i + 1], with the adapter merged into the weights."""
+    model = merged_model(adapter_root, adapter)
     return model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
 
 

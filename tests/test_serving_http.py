@@ -13,12 +13,14 @@ import openai
 import pytest
 import ray
 from ray import serve
+from transformers import AutoTokenizer
 
 from deploy.app import build_app
 from flora_core.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from router.handle_api import GenerateRequest
+from tests.reference import penalized_greedy
 from tests.serving_fixtures import (
-    PROMPTS, TEST_ADAPTERS, app_args, engine_alone_texts, merged_logprobs, write_test_adapters,
+    PROMPTS, TEST_ADAPTERS, app_args, engine_alone_texts, merged_logprobs, merged_model, write_test_adapters,
 )
 
 BASE_URL = "http://127.0.0.1:8000"
@@ -179,6 +181,40 @@ def test_streamed_echo_carries_the_prompt_logprobs_once(app):
     assert streamed[0] is None and streamed[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-5)
 
 
+PENALIZED = [  # (model, penalties): each changes that model's greedy answer to "aaaa="
+    ("lora-r8", {"frequency_penalty": 1.5}),
+    ("flora-r1", {"presence_penalty": 1.0, "repetition_penalty": 1.5}),
+    ("ia3-a", {"repetition_penalty": 2.0}),
+    (DEFAULT_MODEL_NAME, {"frequency_penalty": 0.8, "presence_penalty": -0.5}),
+]
+
+
+def test_penalties_in_one_batch_match_each_request_alone(app, adapter_root):
+    """The openai client's presence/frequency_penalty and vLLM's repetition_penalty, four requests at once."""
+
+    async def ask(client, model, penalties):
+        repetition = {"repetition_penalty": penalties["repetition_penalty"]} if "repetition_penalty" in penalties else {}
+        reply = await client.completions.create(
+            model=model, prompt="aaaa=", max_tokens=16, temperature=0, logprobs=0,
+            presence_penalty=penalties.get("presence_penalty"), frequency_penalty=penalties.get("frequency_penalty"),
+            extra_body={"ignore_eos": True, **repetition})
+        return reply.choices[0].logprobs.tokens
+
+    async def ask_all(client):
+        return await asyncio.gather(*(ask(client, m, p) for m, p in PENALIZED))
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    prompt = tokenizer("aaaa=")["input_ids"]
+    for (model, penalties), tokens in zip(PENALIZED, with_client(ask_all)):
+        adapter = None if model == DEFAULT_MODEL_NAME else model
+        reference = merged_model(adapter_root, adapter)
+        expected = penalized_greedy(reference, prompt, 16, presence=penalties.get("presence_penalty", 0.0),
+                                    frequency=penalties.get("frequency_penalty", 0.0),
+                                    repetition=penalties.get("repetition_penalty", 1.0))
+        assert tokens == [tokenizer.decode([t]) for t in expected], (model, penalties)
+        assert expected != penalized_greedy(reference, prompt, 16), f"{penalties} leave {model} unchanged"
+
+
 def test_chat_completions_use_the_chat_template(app):
     async def ask(client):
         chat = await client.chat.completions.create(model="flora-r4", messages=[{"role": "user", "content": "hello"}],
@@ -205,6 +241,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(app):
         assert too_long.body["param"] == "max_tokens"
         no_echo = await expect(client, openai.BadRequestError, max_tokens=0)
         assert no_echo.body["param"] == "max_tokens" and "echo" in no_echo.body["message"]
+        for penalty, value in [("frequency_penalty", 2.5), ("presence_penalty", -3), ("repetition_penalty", 0)]:
+            bad_penalty = await expect(client, openai.BadRequestError, extra_body={penalty: value})
+            assert bad_penalty.body["param"] == penalty
         await expect(client, openai.BadRequestError, temperature=-1)
         await expect(client, openai.BadRequestError, prompt="")
         await expect(client, openai.BadRequestError, prompt=[10_000_000])
@@ -255,6 +294,11 @@ def test_python_handle_api(app, adapter_root):
     chunks = list(handle.options(stream=True).generate_stream.remote(
         GenerateRequest(adapter="flora-r2", prompt="abcde=", max_tokens=10)))
     assert "".join(c.delta_text for c in chunks) == reply.text
+    penalized = handle.generate.remote(GenerateRequest(adapter="lora-r8", prompt=[5, 5, 5, 9], max_tokens=12,
+                                                       frequency_penalty=1.5, repetition_penalty=1.3)).result()
+    eos = AutoTokenizer.from_pretrained(default_model_dir()).eos_token_id
+    assert penalized.token_ids == penalized_greedy(merged_model(adapter_root, "lora-r8"), [5, 5, 5, 9], 12,
+                                                   frequency=1.5, repetition=1.3, eos_token_id=eos)
     scored = handle.generate.remote(GenerateRequest(adapter="flora-r2", prompt=[5, 9, 17, 4], max_tokens=1,
                                                     prompt_logprobs=2)).result()
     expected = merged_logprobs(adapter_root, "flora-r2", [5, 9, 17, 4])
