@@ -21,13 +21,18 @@ from flora_core.sampling_params import SamplingParams
 
 @dataclass(frozen=True)
 class PenaltyBatch:
-    """One step's penalties and token histories, for the rows of a batch."""
+    """One step's penalties as (row, token) pairs: only the logits of tokens a row has seen change.
 
-    repetition: torch.Tensor  # [B] float32: 1 = off
-    frequency: torch.Tensor  # [B] float32: 0 = off
-    presence: torch.Tensor  # [B] float32: 0 = off
-    output_counts: torch.Tensor  # [B, V] float32: each token's count in the row's output so far
-    seen: torch.Tensor  # [B, V] bool: the tokens of the row's prompt and output (for repetition)
+    The work is proportional to the penalized rows' histories, not to rows x vocabulary.
+    """
+
+    seen_rows: torch.Tensor  # [N] long: distinct (row, token) pairs of prompt and output, rows with repetition
+    seen_tokens: torch.Tensor  # [N] long
+    repetition: torch.Tensor  # [N] float32: the row's repetition penalty
+    output_rows: torch.Tensor  # [M] long: distinct (row, token) pairs of the output, rows with frequency/presence
+    output_tokens: torch.Tensor  # [M] long
+    frequency_times_count: torch.Tensor  # [M] float32: the row's frequency penalty times the token's count
+    presence: torch.Tensor  # [M] float32: the row's presence penalty
 
     @staticmethod
     def from_rows(
@@ -44,36 +49,41 @@ class PenaltyBatch:
         """
         if not any(p.penalized for p in params):
             return None
-        counted = [out if p.frequency_penalty or p.presence_penalty else () for p, out in zip(params, outputs)]
         repeated = [(*prompt, *out) if p.repetition_penalty != 1 else ()
                     for p, prompt, out in zip(params, prompts, outputs)]
+        counted = [out if p.frequency_penalty or p.presence_penalty else () for p, out in zip(params, outputs)]
+        seen_rows, seen_tokens, _ = token_pairs(repeated, vocab_size)
+        output_rows, output_tokens, counts = token_pairs(counted, vocab_size)
+        repetition, frequency, presence = (
+            torch.tensor([getattr(p, name) for p in params], dtype=torch.float32)
+            for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"))
         return PenaltyBatch(
-            repetition=_per_row([p.repetition_penalty for p in params], device),
-            frequency=_per_row([p.frequency_penalty for p in params], device),
-            presence=_per_row([p.presence_penalty for p in params], device),
-            output_counts=token_counts(counted, vocab_size, device),
-            seen=token_counts(repeated, vocab_size, device) > 0,
+            seen_rows=seen_rows.to(device), seen_tokens=seen_tokens.to(device),
+            repetition=repetition[seen_rows].to(device),
+            output_rows=output_rows.to(device), output_tokens=output_tokens.to(device),
+            frequency_times_count=(frequency[output_rows] * counts).to(device),
+            presence=presence[output_rows].to(device),
         )
 
 
 def apply_penalties(logits: torch.Tensor, batch: PenaltyBatch) -> torch.Tensor:
     """The penalized logits, a new tensor. logits: [B, V] float32. Returns [B, V]."""
-    repetition = torch.where(batch.seen, batch.repetition[:, None], 1.0)  # [B, V]
-    logits = torch.where(logits > 0, logits / repetition, logits * repetition)
-    logits = logits - batch.frequency[:, None] * batch.output_counts
-    return logits - batch.presence[:, None] * (batch.output_counts > 0)
+    logits = logits.clone()
+    seen = (batch.seen_rows, batch.seen_tokens)
+    values = logits[seen]
+    logits[seen] = torch.where(values > 0, values / batch.repetition, values * batch.repetition)
+    output = (batch.output_rows, batch.output_tokens)
+    logits[output] = logits[output] - batch.frequency_times_count - batch.presence
+    return logits
 
 
-def token_counts(histories: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """counts[i, t] = how many times token t occurs in histories[i]. Returns [len(histories), V] float32."""
-    counts = torch.zeros(len(histories), vocab_size, dtype=torch.float32, device=device)
+def token_pairs(histories: Sequence[Sequence[int]], vocab_size: int) -> tuple[torch.Tensor, ...]:
+    """The distinct (row, token) pairs of histories (one per row) and each pair's count.
+
+    Returns rows [P] long, tokens [P] long and counts [P] float32, on the CPU, sorted by row then token.
+    """
     lengths = torch.tensor([len(history) for history in histories], dtype=torch.long)
-    if int(lengths.sum()) == 0:
-        return counts
-    rows = torch.repeat_interleave(torch.arange(len(histories)), lengths).to(device)
-    ids = torch.tensor([token for history in histories for token in history], dtype=torch.long, device=device)
-    return counts.index_put_((rows, ids), torch.ones_like(ids, dtype=torch.float32), accumulate=True)
-
-
-def _per_row(values: list[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    rows = torch.repeat_interleave(torch.arange(len(histories)), lengths)
+    tokens = torch.tensor([token for history in histories for token in history], dtype=torch.long)
+    keys, counts = torch.unique(rows * vocab_size + tokens, return_counts=True)
+    return keys // vocab_size, keys % vocab_size, counts.to(torch.float32)

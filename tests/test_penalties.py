@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from flora_core.penalties import PenaltyBatch, apply_penalties, token_counts
+from flora_core.penalties import PenaltyBatch, apply_penalties, token_pairs
 from flora_core.sampler import SamplingBatch, next_tokens
 from flora_core.sampling_params import SamplingParams
 from tests.engine_fixtures import make_setup, one_torch_thread, run_to_completion  # noqa: F401
@@ -20,13 +20,12 @@ VOCAB = 24
 CPU = torch.device("cpu")
 
 
-def test_token_counts_count_each_rows_own_tokens():
-    counts = token_counts([[3, 3, 5], [], [23, 0, 3]], VOCAB, CPU)
-    expected = torch.zeros(3, VOCAB)
-    for row, history in enumerate([[3, 3, 5], [], [23, 0, 3]]):
-        for token, count in Counter(history).items():
-            expected[row, token] = count
-    assert torch.equal(counts, expected)
+def test_token_pairs_count_each_rows_own_tokens():
+    histories = [[3, 3, 5], [], [23, 0, 3, 0, 0]]
+    rows, tokens, counts = token_pairs(histories, VOCAB)
+    got = {(r, t): c for r, t, c in zip(rows.tolist(), tokens.tolist(), counts.tolist())}
+    assert got == {(row, token): count for row, history in enumerate(histories)
+                   for token, count in Counter(history).items()}
 
 
 def test_repetition_penalty_equals_transformers_per_row():
