@@ -59,6 +59,7 @@ from flora_core.request_validation import (
 from flora_core.running_batch import RunningBatch, advance, after_prefill, concat, decode_inputs, prefill_inputs, select
 from flora_core.sampler import SamplingBatch, next_tokens, token_logprobs
 from flora_core.sampling_params import SamplingParams
+from flora_core.token_bias import TokenBiasBatch
 
 
 @dataclass(frozen=True)
@@ -333,9 +334,12 @@ class Engine:
         """Pick each row's token ([rows] long) and record it in its request."""
         logits = logits.float()
         params = [state.params for state in states]
+        token_bias = TokenBiasBatch.from_rows(params, [state.stop_ids for state in states],
+                                              [len(state.output_ids) for state in states], logits.device)
         penalties = PenaltyBatch.from_rows(params, [state.prompt_ids for state in states],
                                            [state.output_ids for state in states], logits.shape[1], logits.device)
-        batch = SamplingBatch.from_params(params, [state.generator for state in states], logits.device, penalties)
+        batch = SamplingBatch.from_params(params, [state.generator for state in states], logits.device, token_bias,
+                                          penalties)
         tokens = next_tokens(logits, batch)
         logprobs = _logprobs(states, logits, tokens)
         outputs = [state.append(token, logprobs.get(row)) for row, (state, token) in

@@ -49,7 +49,8 @@ class RequestState:
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None
         self.error: BaseException | None = None
-        self._stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        eos = frozenset() if params.ignore_eos else frozenset(eos_token_ids)
+        self.stop_ids = frozenset(params.stop_token_ids) | eos  # tokens that end it (banned before min_tokens)
         self._detokenizer = None if codec is None else IncrementalDetokenizer(codec, prompt_ids)
         self._stops = StopStringMatcher(params.stop)
         self.arrival = time.perf_counter()
@@ -67,7 +68,7 @@ class RequestState:
         self._token_times.append(time.perf_counter())
         if self.logprobs is not None:
             self.logprobs.append(logprob)
-        if token_id in self._stop_ids:
+        if token_id in self.stop_ids:
             self._finish("stop", token_id if token_id in self.params.stop_token_ids else None)
             delta = self._release(self._flush(), final=True)
         else:

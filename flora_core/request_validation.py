@@ -46,12 +46,13 @@ def check_request(
         )
     if params.stop and not has_tokenizer:
         raise ValueError("SamplingParams.stop needs text but the engine has no tokenizer; use stop_token_ids")
-    for token_id in params.stop_token_ids:
-        if token_id >= vocab_size:
-            raise ValueError(
-                f"SamplingParams.stop_token_ids has {token_id}, not a token id of this model; "
-                f"pass ids in [0, {vocab_size})"
-            )
+    for field, token_ids in (("stop_token_ids", params.stop_token_ids),
+                             ("logit_bias", [token_id for token_id, _ in params.logit_bias])):
+        for token_id in token_ids:
+            if token_id >= vocab_size:
+                raise ValueError(
+                    f"SamplingParams.{field} has {token_id}, not a token id of this model; pass ids in [0, {vocab_size})"
+                )
 
 
 def eos_token_ids(model, vocab_size: int) -> frozenset[int]:

@@ -2,9 +2,9 @@
 
 Every function takes logits [B, V] (float32) and per-row parameters; rows never mix, so a row's
 token depends only on its own logits and its own generator, whatever else is in the batch.
-The order is vLLM's and transformers': the penalties first (flora_core/penalties.py), then
-temperature, top-k and top-p; greedy rows take the argmax of the penalized logits, as
-`generate(do_sample=False, repetition_penalty=...)` does.
+The order is vLLM's and transformers': min_tokens and logit_bias first (flora_core/token_bias.py),
+then the penalties (flora_core/penalties.py), then temperature, top-k, top-p and min-p; greedy
+rows take the argmax after the first two, as `generate(do_sample=False, repetition_penalty=...)` does.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from flora_core.penalties import PenaltyBatch, apply_penalties
 from flora_core.sampling_params import SamplingParams
+from flora_core.token_bias import TokenBiasBatch, apply_token_bias
 
 
 @dataclass(frozen=True)
@@ -25,20 +26,24 @@ class SamplingBatch:
     temperature: torch.Tensor  # [B] float32: 0 for a greedy row
     top_k: torch.Tensor  # [B] long: 0 = off
     top_p: torch.Tensor  # [B] float32: 1 = off
+    min_p: torch.Tensor  # [B] float32: 0 = off
     generators: tuple[torch.Generator | None, ...]  # B entries: each sampled row's own generator
+    token_bias: TokenBiasBatch | None = None  # None: no row has a logit_bias or a min_tokens to wait for
     penalties: PenaltyBatch | None = None  # None: no row has a penalty
 
     @staticmethod
     def from_params(
         params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None], device: torch.device,
-        penalties: PenaltyBatch | None = None,
+        token_bias: TokenBiasBatch | None = None, penalties: PenaltyBatch | None = None,
     ) -> "SamplingBatch":
         return SamplingBatch(
             temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in params], dtype=torch.float32,
                                      device=device),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
             generators=tuple(generators),
+            token_bias=token_bias,
             penalties=penalties,
         )
 
@@ -81,6 +86,19 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Keep the tokens whose probability is at least min_p times the row's largest; the rest get -inf.
+
+    As transformers' MinPLogitsWarper (the most likely token always stays).
+    logits: [B, V] float; min_p: [B] float in [0, 1], 0 = off for that row.
+    """
+    if not bool((min_p > 0).any()):
+        return logits
+    probs = logits.softmax(dim=-1)
+    drop = probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(drop, float("-inf"))
+
+
 def sample_rows(logits: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """torch.multinomial(softmax(logits[i]), 1, generator=generators[i]) for each row i.
 
@@ -93,11 +111,13 @@ def sample_rows(logits: torch.Tensor, generators: Sequence[torch.Generator | Non
 
 
 def next_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Each row's next token after its penalties: argmax for greedy rows, else sampled after
-    temperature, top-k and top-p.
+    """Each row's next token after its logit bias and penalties: argmax for greedy rows, else
+    sampled after temperature, top-k, top-p and min-p.
 
     logits: [B, V] float32. Returns [B] long.
     """
+    if batch.token_bias is not None:
+        logits = apply_token_bias(logits, batch.token_bias)
     if batch.penalties is not None:
         logits = apply_penalties(logits, batch.penalties)
     tokens = logits.argmax(dim=-1)
@@ -107,6 +127,7 @@ def next_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     rows = apply_temperature(logits[sampled], batch.temperature[sampled])
     rows = apply_top_k(rows, batch.top_k[sampled])
     rows = apply_top_p(rows, batch.top_p[sampled])
+    rows = apply_min_p(rows, batch.min_p[sampled])
     tokens[sampled] = sample_rows(rows, [batch.generators[i] for i in sampled.tolist()])
     return tokens
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 MAX_LOGPROBS = 20  # most alternatives per generated token, as OpenAI's chat API allows
 # Below this temperature sampling is greedy: logits / t would overflow float32 to inf and the
@@ -21,6 +21,7 @@ MAX_LOGPROBS = 20  # most alternatives per generated token, as OpenAI's chat API
 MIN_SAMPLING_TEMPERATURE = 1e-5
 MAX_INT64 = 2**63 - 1
 MAX_PRESENCE_OR_FREQUENCY_PENALTY = 2.0  # OpenAI's range for both is [-2, 2]
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a bias is [-100, 100]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,12 @@ class SamplingParams:
         output so far is divided by it when positive and multiplied by it otherwise; 1 turns it off.
     The penalties apply before temperature, top-k and top-p, to greedy requests too (as vLLM);
     logprobs stay the model's own (flora_core/penalties.py).
+    logit_bias: OpenAI's, {token id: bias in [-100, 100]} added to those logits before the
+        penalties (-100 all but bans a token, 100 all but forces it); stored as sorted pairs.
+    min_tokens: vLLM's: the stop tokens (EOS unless ignore_eos, and stop_token_ids) cannot be
+        generated before this many tokens; stop strings still end generation. At most max_tokens.
+    min_p: vLLM's and transformers': sample only tokens whose probability is at least min_p times
+        the most likely token's (after temperature, top-k and top-p), in [0, 1]; 0 turns it off.
     """
 
     max_tokens: int = 16
@@ -65,6 +72,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1, fix="pass max_tokens >= 1")
@@ -104,6 +114,14 @@ class SamplingParams:
         if self.repetition_penalty <= 0:
             raise ValueError(f"SamplingParams.repetition_penalty={self.repetition_penalty!r}; pass repetition_penalty "
                              "> 0 (above 1 discourages repeats, below 1 encourages them); 1 turns it off")
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        _check_int("min_tokens", self.min_tokens, low=0, fix="pass min_tokens in [0, max_tokens]")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"SamplingParams.min_tokens={self.min_tokens} is over max_tokens={self.max_tokens}; "
+                             "pass min_tokens in [0, max_tokens]")
+        _check_float("min_p", self.min_p, "pass min_p in [0, 1]; 0 turns it off")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"SamplingParams.min_p={self.min_p!r}; pass min_p in [0, 1]; 0 turns it off")
 
     @property
     def penalized(self) -> bool:
@@ -133,6 +151,24 @@ def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
         if not isinstance(string, str) or not string:
             raise ValueError(f"SamplingParams.stop has {string!r}; pass non-empty strings, e.g. stop=['\\n']")
     return strings
+
+
+def _logit_bias(bias: Mapping[int, float] | Sequence[tuple[int, float]] | None) -> tuple[tuple[int, float], ...]:
+    """{token id: bias} or (token id, bias) pairs as sorted pairs, each checked."""
+    pairs = () if bias is None else tuple(bias.items()) if isinstance(bias, Mapping) else tuple(bias)
+    fix = "pass {token id: bias} with ids >= 0 and biases in [-100, 100]"
+    for pair in pairs:
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise ValueError(f"SamplingParams.logit_bias has {pair!r}; {fix}")
+        token_id, value = pair
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+            raise ValueError(f"SamplingParams.logit_bias has token id {token_id!r}; {fix}")
+        _check_float("logit_bias", value, fix)
+        if abs(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"SamplingParams.logit_bias[{token_id}]={value!r}; {fix}")
+    if len({token_id for token_id, _ in pairs}) != len(pairs):
+        raise ValueError(f"SamplingParams.logit_bias names a token id twice; {fix}")
+    return tuple(sorted((token_id, float(value)) for token_id, value in pairs))
 
 
 def _stop_token_ids(ids: Sequence[int] | None) -> tuple[int, ...]:

@@ -6,6 +6,7 @@ The ingress raises `ApiError` for what it detects itself; everything else goes t
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from fastapi.responses import JSONResponse
@@ -34,6 +35,15 @@ class ApiError(Exception):
 
 def bad_request(message: str, param: Optional[str] = None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", param)
+
+
+_SAMPLING_FIELD = re.compile(r"SamplingParams\.(\w+)")
+
+
+def bad_value(error: ValueError) -> ApiError:
+    """A 400 for the engine's ValueError, naming the SamplingParams field that its message names."""
+    field = _SAMPLING_FIELD.search(str(error))
+    return bad_request(str(error), field.group(1) if field else None)
 
 
 def unknown_model(name: str, known_hint: str) -> ApiError:
@@ -66,6 +76,6 @@ def error_for_exception(error: BaseException) -> ApiError:
     if isinstance(error, RayActorError):  # the replica running the request died (Serve starts another)
         return overloaded("the model replica running this request stopped; Serve is replacing it, retry shortly")
     if isinstance(error, ValueError):
-        return bad_request(str(error))
+        return bad_value(error)
     return ApiError(500, f"Internal error ({type(error).__name__}); the server logged it. Retry, and report it "
                          "if it persists.", "internal_error")

@@ -32,6 +32,9 @@ class GenerateRequest(BaseModel):
     presence_penalty: float = Field(0.0, description="In [-2, 2], as OpenAI's; 0 is off.")
     frequency_penalty: float = Field(0.0, description="In [-2, 2], as OpenAI's; 0 is off.")
     repetition_penalty: float = Field(1.0, description="> 0, as transformers' and vLLM's; 1 is off.")
+    logit_bias: Optional[dict[int, float]] = Field(None, description="{token id: bias in [-100, 100]}.")
+    min_tokens: int = Field(0, description="No stop token before this many tokens.")
+    min_p: float = Field(0.0, description="In [0, 1], as vLLM's; 0 is off.")
 
 
 class GenerateUsage(BaseModel):

@@ -224,13 +224,9 @@ class FloraIngress:
 
     async def _handle_job(self, request: GenerateRequest) -> tuple[ReplicaRequest, str]:
         name = request.adapter or self.settings.served_model_name
-        body = CompletionRequest(model=name, prompt=request.prompt, max_tokens=request.max_tokens,
-                                 temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-                                 seed=request.seed, stop=request.stop or None,
-                                 stop_token_ids=request.stop_token_ids or None,
-                                 presence_penalty=request.presence_penalty,
-                                 frequency_penalty=request.frequency_penalty,
-                                 repetition_penalty=request.repetition_penalty)
+        sampling = request.model_dump(exclude={"adapter", "logprobs", "prompt_logprobs", "stop", "stop_token_ids"})
+        body = CompletionRequest(model=name, stop=request.stop or None, stop_token_ids=request.stop_token_ids or None,
+                                 **sampling)
         try:
             adapter = await self._adapter_ref(name)
             ids = fmt.tokenize_prompt(self.tokenizer, request.prompt, self.vocab_size, self.max_prompt_chars)

@@ -6,12 +6,11 @@ Pure functions over a tokenizer; the ingress calls them and does the I/O.
 from __future__ import annotations
 
 import json
-import re
 from typing import Optional, Sequence, Union
 
 from flora_core.request_output import RequestOutput, TokenLogprob
 from flora_core.sampling_params import SamplingParams
-from router.errors import ApiError, bad_request
+from router.errors import ApiError, bad_request, bad_value
 from router.protocol import (
     ChatCompletionRequest,
     ChatLogprobs,
@@ -23,8 +22,6 @@ from router.protocol import (
     TopLogprob,
     Usage,
 )
-
-_FIELD_IN_MESSAGE = re.compile(r"SamplingParams\.(\w+)")
 
 
 def prompt_chars_bound(tokenizer, max_model_len: int) -> int:
@@ -95,10 +92,10 @@ def sampling_params(body: SamplingFields, prompt_len: int, max_model_len: int, d
                               stop_token_ids=tuple(body.stop_token_ids or ()), logprobs=logprobs,
                               prompt_logprobs=prompt_logprobs, ignore_eos=body.ignore_eos,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                              repetition_penalty=body.repetition_penalty)
+                              repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias,
+                              min_tokens=body.min_tokens, min_p=body.min_p)
     except ValueError as error:
-        field = _FIELD_IN_MESSAGE.search(str(error))
-        raise bad_request(str(error), field.group(1) if field else None) from error
+        raise bad_value(error) from error
 
 
 def check_counts(n: int, prompts: int, limit: int) -> None:

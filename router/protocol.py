@@ -53,6 +53,11 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = Field(0.0, description="In [-2, 2]: lowers a token's logit per time the output has it.")
     repetition_penalty: float = Field(1.0, description="> 0 (vLLM's extension): divides the positive logits of "
                                       "prompt and output tokens, multiplies the negative ones; 1 is off.")
+    logit_bias: Optional[dict[int, float]] = Field(None, description="{token id: bias in [-100, 100]} added to "
+                                                   "those logits.")
+    min_tokens: int = Field(0, description="vLLM's extension: no stop token before this many tokens.")
+    min_p: float = Field(0.0, description="vLLM's extension: sample only tokens at least min_p times as likely as "
+                         "the most likely one; 0 is off.")
 
     @field_validator("presence_penalty", "frequency_penalty", "repetition_penalty", mode="before")
     @classmethod

@@ -67,7 +67,7 @@ def test_rows_without_penalties_are_untouched_and_a_batch_without_any_costs_noth
     penalties = PenaltyBatch.from_rows(params, [[0], [0], [0]], outputs, VOCAB, CPU)
     penalized = apply_penalties(logits, penalties)
     assert torch.equal(penalized[0], logits[0]) and torch.equal(penalized[2], logits[2])
-    greedy = next_tokens(logits.clone(), SamplingBatch.from_params(params, [None, None, None], CPU, penalties))
+    greedy = next_tokens(logits.clone(), SamplingBatch.from_params(params, [None, None, None], CPU, penalties=penalties))
     assert greedy[0] == logits[0].argmax() and greedy[1] != logits[1].argmax()  # greedy rows are penalized too
 
 

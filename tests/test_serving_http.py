@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 import ray
+import torch
 from ray import serve
 from transformers import AutoTokenizer
 
@@ -215,6 +216,43 @@ def test_penalties_in_one_batch_match_each_request_alone(app, adapter_root):
         assert expected != penalized_greedy(reference, prompt, 16), f"{penalties} leave {model} unchanged"
 
 
+def test_logit_bias_and_min_tokens_in_one_batch_match_generate_alone(app, adapter_root):
+    """OpenAI's logit_bias and vLLM's min_tokens, three requests at once, against generate() on each merged model."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    prompt = tokenizer("hello=")["input_ids"]
+    eos = tokenizer.eos_token_id
+
+    def generate(model, **kwargs):
+        merged = merged_model(adapter_root, None if model == DEFAULT_MODEL_NAME else model)
+        out = merged.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=eos, **kwargs)
+        return out[0, len(prompt):].tolist()
+
+    first = generate("lora-r8")[0]
+    letter_a = tokenizer.convert_tokens_to_ids("a")
+    cases = [  # (model, request fields, generate()'s for the same)
+        ("lora-r8", {"logit_bias": {str(first): -100, str(letter_a): 5}},
+         {"sequence_bias": {(first,): -100.0, (letter_a,): 5.0}}),
+        ("flora-r2", {"extra_body": {"min_tokens": 14}}, {"min_new_tokens": 14}),
+        (DEFAULT_MODEL_NAME, {"logit_bias": {str(eos): 100}, "extra_body": {"min_tokens": 2}},
+         {"sequence_bias": {(eos,): 100.0}, "min_new_tokens": 2}),
+    ]
+
+    async def ask(client, model, fields):
+        reply = await client.completions.create(model=model, prompt="hello=", max_tokens=16, temperature=0,
+                                                logprobs=0, **fields)
+        return reply.choices[0].logprobs.tokens
+
+    async def ask_all(client):
+        return await asyncio.gather(*(ask(client, m, f) for m, f, _ in cases))
+
+    for (model, fields, theirs), tokens in zip(cases, with_client(ask_all)):
+        with torch.no_grad():
+            expected, plain = generate(model, **theirs), generate(model)
+        assert tokens == [tokenizer.decode([t]) for t in expected], (model, fields)
+        assert expected != plain, f"{fields} leave {model} unchanged"
+
+
 def test_chat_completions_use_the_chat_template(app):
     async def ask(client):
         chat = await client.chat.completions.create(model="flora-r4", messages=[{"role": "user", "content": "hello"}],
@@ -244,6 +282,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(app):
         for penalty, value in [("frequency_penalty", 2.5), ("presence_penalty", -3), ("repetition_penalty", 0)]:
             bad_penalty = await expect(client, openai.BadRequestError, extra_body={penalty: value})
             assert bad_penalty.body["param"] == penalty
+        for fields, param in [({"logit_bias": {"100000": 5}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+                              ({"logit_bias": {"five": 1}}, "logit_bias"), ({"extra_body": {"min_p": 2}}, "min_p"),
+                              ({"extra_body": {"min_tokens": 17}, "max_tokens": 16}, "min_tokens")]:
+            bad = await expect(client, openai.BadRequestError, **fields)
+            assert bad.body["param"] == param, fields
         await expect(client, openai.BadRequestError, temperature=-1)
         await expect(client, openai.BadRequestError, prompt="")
         await expect(client, openai.BadRequestError, prompt=[10_000_000])
@@ -299,6 +342,9 @@ def test_python_handle_api(app, adapter_root):
     eos = AutoTokenizer.from_pretrained(default_model_dir()).eos_token_id
     assert penalized.token_ids == penalized_greedy(merged_model(adapter_root, "lora-r8"), [5, 5, 5, 9], 12,
                                                    frequency=1.5, repetition=1.3, eos_token_id=eos)
+    ended = handle.generate.remote(GenerateRequest(adapter="lora-r8", prompt="hello=", max_tokens=12, min_tokens=3,
+                                                   logit_bias={eos: 100.0})).result()
+    assert len(ended.token_ids) == 4 and ended.token_ids[3] == eos and eos not in ended.token_ids[:3]
     scored = handle.generate.remote(GenerateRequest(adapter="flora-r2", prompt=[5, 9, 17, 4], max_tokens=1,
                                                     prompt_logprobs=2)).result()
     expected = merged_logprobs(adapter_root, "flora-r2", [5, 9, 17, 4])
