@@ -19,7 +19,7 @@ MAX_LOGPROBS = 20  # most alternatives per generated token, as OpenAI's chat API
 # Below this temperature sampling is greedy: logits / t would overflow float32 to inf and the
 # softmax to NaN (vLLM uses the same threshold).
 MIN_SAMPLING_TEMPERATURE = 1e-5
-MAX_INT64 = 2**63 - 1
+MAX_INT64 = 2**63 - 1  # seeds and top_k must fit a torch int64
 MAX_PRESENCE_OR_FREQUENCY_PENALTY = 2.0  # OpenAI's range for both is [-2, 2]
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a bias is [-100, 100]
 
@@ -77,51 +77,30 @@ class SamplingParams:
     min_p: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_int("max_tokens", self.max_tokens, low=1, fix="pass max_tokens >= 1")
-        _check_float("temperature", self.temperature, "pass a temperature >= 0 (0 means greedy)")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature={self.temperature!r}; pass a temperature >= 0 (0 is greedy)")
-        _check_float("top_p", self.top_p, "pass top_p in (0, 1]; 1 turns it off")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p={self.top_p!r}; pass top_p in (0, 1]; 1 turns it off")
-        _check_int("top_k", self.top_k, low=-1, fix="pass top_k >= 1, or 0 / -1 to turn it off")
-        if self.top_k > MAX_INT64:
-            raise ValueError(f"SamplingParams.top_k={self.top_k!r}; pass top_k below 2**63 (any k >= the "
-                             "vocabulary size keeps every token)")
+        _check_int("max_tokens", self.max_tokens, 1, math.inf, "pass max_tokens >= 1")
+        _check_float("temperature", self.temperature, 0, math.inf, "pass a temperature >= 0 (0 is greedy)")
+        _check_float("top_p", self.top_p, 0, 1, "pass top_p in (0, 1]; 1 turns it off", above_low=True)
+        _check_int("top_k", self.top_k, -1, MAX_INT64, "pass top_k in [1, 2**63), or 0 / -1 to turn it off (any k "
+                   ">= the vocabulary size keeps every token)")
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         if self.seed is not None:
-            _check_int("seed", self.seed, low=0, fix="pass an int seed in [0, 2**63), or None")
-            if self.seed >= 2**63:
-                raise ValueError(f"SamplingParams.seed={self.seed!r}; pass an int seed in [0, 2**63), or None")
+            _check_int("seed", self.seed, 0, MAX_INT64, "pass an int seed in [0, 2**63), or None")
         object.__setattr__(self, "stop", _stop_strings(self.stop))
         object.__setattr__(self, "stop_token_ids", _stop_token_ids(self.stop_token_ids))
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"SamplingParams.ignore_eos={self.ignore_eos!r}; pass True or False")
         for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_int(name, value, low=0, fix=f"pass {name} in [0, {MAX_LOGPROBS}], or None")
-                if value > MAX_LOGPROBS:
-                    raise ValueError(f"SamplingParams.{name}={value}; pass {name} in [0, {MAX_LOGPROBS}], or None")
-
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 0, MAX_LOGPROBS, f"pass {name} in [0, {MAX_LOGPROBS}], or None")
         for name in ("presence_penalty", "frequency_penalty"):
-            fix = f"pass {name} in [-2, 2]; 0 turns it off"
-            _check_float(name, getattr(self, name), fix)
-            if abs(getattr(self, name)) > MAX_PRESENCE_OR_FREQUENCY_PENALTY:
-                raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}; {fix}")
-        _check_float("repetition_penalty", self.repetition_penalty, "pass repetition_penalty > 0; 1 turns it off")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"SamplingParams.repetition_penalty={self.repetition_penalty!r}; pass repetition_penalty "
-                             "> 0 (above 1 discourages repeats, below 1 encourages them); 1 turns it off")
+            bound = MAX_PRESENCE_OR_FREQUENCY_PENALTY
+            _check_float(name, getattr(self, name), -bound, bound, f"pass {name} in [-2, 2]; 0 turns it off")
+        _check_float("repetition_penalty", self.repetition_penalty, 0, math.inf, "pass repetition_penalty > 0 (above "
+                     "1 discourages repeats, below 1 encourages them); 1 turns it off", above_low=True)
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
-        _check_int("min_tokens", self.min_tokens, low=0, fix="pass min_tokens in [0, max_tokens]")
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(f"SamplingParams.min_tokens={self.min_tokens} is over max_tokens={self.max_tokens}; "
-                             "pass min_tokens in [0, max_tokens]")
-        _check_float("min_p", self.min_p, "pass min_p in [0, 1]; 0 turns it off")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"SamplingParams.min_p={self.min_p!r}; pass min_p in [0, 1]; 0 turns it off")
+        _check_int("min_tokens", self.min_tokens, 0, self.max_tokens, "pass min_tokens in [0, max_tokens]")
+        _check_float("min_p", self.min_p, 0, 1, "pass min_p in [0, 1]; 0 turns it off")
 
     @property
     def penalized(self) -> bool:
@@ -133,13 +112,16 @@ class SamplingParams:
         return self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
-def _check_int(name: str, value: object, *, low: int, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+def _check_int(name: str, value: object, low: float, high: float, fix: str) -> None:
+    """value is an int (not a bool) in [low, high]; else a ValueError naming the field and the fix."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"SamplingParams.{name}={value!r}; {fix}")
 
 
-def _check_float(name: str, value: object, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def _check_float(name: str, value: object, low: float, high: float, fix: str, *, above_low: bool = False) -> None:
+    """value is a finite number in [low, high] ((low, high] with above_low); else a ValueError."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not low <= value <= high or (above_low and value == low)):
         raise ValueError(f"SamplingParams.{name}={value!r}; {fix}")
 
 
@@ -163,9 +145,7 @@ def _logit_bias(bias: Mapping[int, float] | Sequence[tuple[int, float]] | None) 
         token_id, value = pair
         if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
             raise ValueError(f"SamplingParams.logit_bias has token id {token_id!r}; {fix}")
-        _check_float("logit_bias", value, fix)
-        if abs(value) > MAX_LOGIT_BIAS:
-            raise ValueError(f"SamplingParams.logit_bias[{token_id}]={value!r}; {fix}")
+        _check_float(f"logit_bias[{token_id}]", value, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS, fix)
     if len({token_id for token_id, _ in pairs}) != len(pairs):
         raise ValueError(f"SamplingParams.logit_bias names a token id twice; {fix}")
     return tuple(sorted((token_id, float(value)) for token_id, value in pairs))
