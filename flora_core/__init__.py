@@ -18,10 +18,12 @@ from flora_core.multi_adapter_model import MultiAdapterModel
 from flora_core.patching import adapter_batch_scope, patch_model
 from flora_core.request_output import EngineStats, RequestOutput
 from flora_core.sampling_params import SamplingParams
+from flora_core.structured_output import StructuredOutput
 
 __all__ = [
     "AdapterBatch", "AdapterSlot", "load_adapter", "save_adapter", "AdapterPool", "PoolExhaustedError",
     "PoolLimits", "UnknownAdapterError", "AdapterKind", "AdapterWeights", "FloraModule", "Ia3Module",
     "LoraModule", "MultiAdapterLinear", "SlotCapacity", "MultiAdapterModel", "adapter_batch_scope", "patch_model",
     "AsyncEngine", "Engine", "EngineConfig", "EngineStats", "RequestOutput", "SamplingParams",
+    "StructuredOutput",
 ]

@@ -59,6 +59,7 @@ from flora_core.request_validation import (
 from flora_core.running_batch import RunningBatch, advance, after_prefill, concat, decode_inputs, prefill_inputs, select
 from flora_core.sampler import SamplingBatch, next_tokens, token_logprobs
 from flora_core.sampling_params import SamplingParams
+from flora_core.structured_output import GrammarCompiler
 from flora_core.token_bias import TokenBiasBatch
 
 
@@ -124,6 +125,7 @@ class Engine:
         self._prefilling: list[RequestState] = []  # admitted this step, pinned, not yet in the batch
         self._batch: RunningBatch | None = None
         self._next_input: torch.Tensor | None = None  # [rows] long: each row's last sampled token
+        self._grammars: GrammarCompiler | None = None  # made by the first structured-output request
 
     # ----- any thread -----
 
@@ -148,6 +150,8 @@ class Engine:
             request_id, adapter, prompt_ids, params,
             codec=self._codec, eos_token_ids=self._eos_ids, generator=self._generator(params),
         )
+        if params.structured_output is not None:
+            state.grammar = self._grammar_compiler().matcher(params.structured_output)
         with self._lock:
             if request_id in self._unfinished_ids:
                 raise ValueError(f"request_id {request_id!r} is already in use; pass a unique id, or None")
@@ -155,6 +159,15 @@ class Engine:
             self._inbox.append(state)
         self._work.set()
         return request_id
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        with self._lock:
+            if self._grammars is None:
+                if self._codec is None:
+                    raise ValueError("SamplingParams.structured_output needs text, but the engine has no tokenizer; "
+                                     "pass one to Engine(...)")
+                self._grammars = GrammarCompiler(self._codec.tokenizer, self._vocab_size, self._eos_ids)
+            return self._grammars
 
     def abort(self, request_id: str) -> bool:
         """Ask the next step to end this request ("abort"); False if it is unknown or already finished."""
@@ -340,7 +353,10 @@ class Engine:
                                            [state.output_ids for state in states], logits.shape[1], logits.device)
         batch = SamplingBatch.from_params(params, [state.generator for state in states], logits.device, token_bias,
                                           penalties)
-        tokens = next_tokens(logits, batch)
+        if self._grammars is not None:
+            tokens = next_tokens(self._grammars.mask(logits, [state.grammar for state in states]), batch)
+        else:
+            tokens = next_tokens(logits, batch)
         logprobs = _logprobs(states, logits, tokens)
         outputs = [state.append(token, logprobs.get(row)) for row, (state, token) in
                    enumerate(zip(states, tokens.tolist()))]

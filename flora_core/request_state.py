@@ -5,7 +5,8 @@ The end-of-generation rules, as OpenAI's completions:
 - a stop token (the model's EOS unless ignore_eos, or one of stop_token_ids) ends with "stop";
   the token stays in token_ids and adds no text;
 - a stop string ends with "stop"; the text ends right before it;
-- max_tokens reached ends with "length" (a stop string completed by the same token wins).
+- max_tokens reached ends with "length" (a stop string completed by the same token wins);
+- a structured output ends with "stop" when its grammar is complete (even with ignore_eos).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flora_core.adapter_batch import AdapterSlot
 from flora_core.detokenizer import IncrementalDetokenizer, StopStringMatcher, TextCodec
 from flora_core.request_output import FinishReason, RequestOutput, RequestTimings, TokenLogprob, Usage
 from flora_core.sampling_params import SamplingParams
+from flora_core.structured_output import GrammarDeadEnd, GrammarMatcher
 
 
 class RequestState:
@@ -42,6 +44,7 @@ class RequestState:
         self.generator = generator  # None for greedy requests
         self.slot: AdapterSlot | None = None  # set at admission; the pool pin is held while `pinned`
         self.pinned = False
+        self.grammar: GrammarMatcher | None = None  # set by add_request for a structured output
         self.output_ids: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
         self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # set by the prefill that asked
@@ -64,11 +67,15 @@ class RequestState:
     def append(self, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
         """Record one generated token, apply the stop rules; returns this step's output."""
         assert not self.finished, f"request {self.request_id} got a token after it finished"
+        try:
+            grammar_complete = self.grammar is not None and self.grammar.accept(token_id)
+        except GrammarDeadEnd as error:
+            return self.fail(error)
         self.output_ids.append(token_id)
         self._token_times.append(time.perf_counter())
         if self.logprobs is not None:
             self.logprobs.append(logprob)
-        if token_id in self.stop_ids:
+        if token_id in self.stop_ids or grammar_complete:
             self._finish("stop", token_id if token_id in self.params.stop_token_ids else None)
             delta = self._release(self._flush(), final=True)
         else:

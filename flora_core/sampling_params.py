@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from flora_core.structured_output import StructuredOutput
+
 MAX_LOGPROBS = 20  # most alternatives per generated token, as OpenAI's chat API allows
 # Below this temperature sampling is greedy: logits / t would overflow float32 to inf and the
 # softmax to NaN (vLLM uses the same threshold).
@@ -57,6 +59,8 @@ class SamplingParams:
         generated before this many tokens; stop strings still end generation. At most max_tokens.
     min_p: vLLM's and transformers': sample only tokens whose probability is at least min_p times
         the most likely token's (after temperature, top-k and top-p), in [0, 1]; 0 turns it off.
+    structured_output: the output must match this JSON schema, regex, choice or any JSON
+        (flora_core/structured_output.py; needs the engine's tokenizer); None: free text.
     """
 
     max_tokens: int = 16
@@ -75,6 +79,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
     min_p: float = 0.0
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, 1, math.inf, "pass max_tokens >= 1")
@@ -101,6 +106,13 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         _check_int("min_tokens", self.min_tokens, 0, self.max_tokens, "pass min_tokens in [0, max_tokens]")
         _check_float("min_p", self.min_p, 0, 1, "pass min_p in [0, 1]; 0 turns it off")
+        if self.structured_output is not None:
+            if not isinstance(self.structured_output, StructuredOutput):
+                raise ValueError(f"SamplingParams.structured_output is a {type(self.structured_output).__name__}; "
+                                 "pass a StructuredOutput (json_object(), json_schema(), regex() or choice())")
+            if self.min_tokens:
+                raise ValueError("SamplingParams.min_tokens cannot be combined with a structured_output, whose "
+                                 "grammar decides where the output ends; leave min_tokens at 0")
 
     @property
     def penalized(self) -> bool:

@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from router.protocol import ResponseFormat
 
 
 class GenerateRequest(BaseModel):
@@ -35,6 +37,10 @@ class GenerateRequest(BaseModel):
     logit_bias: Optional[dict[int, float]] = Field(None, description="{token id: bias in [-100, 100]}.")
     min_tokens: int = Field(0, description="No stop token before this many tokens.")
     min_p: float = Field(0.0, description="In [0, 1], as vLLM's; 0 is off.")
+    response_format: Optional[ResponseFormat] = Field(None, description="json_object or json_schema, as OpenAI's.")
+    guided_json: Optional[Union[dict[str, Any], str]] = Field(None, description="A JSON schema to follow.")
+    guided_regex: Optional[str] = Field(None, description="A regular expression the output matches.")
+    guided_choice: Optional[list[str]] = Field(None, description="The output is one of these strings.")
 
 
 class GenerateUsage(BaseModel):

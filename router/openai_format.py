@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Union
 
 from flora_core.request_output import RequestOutput, TokenLogprob
 from flora_core.sampling_params import SamplingParams
+from flora_core.structured_output import StructuredOutput
 from router.errors import ApiError, bad_request, bad_value
 from router.protocol import (
     ChatCompletionRequest,
@@ -93,9 +94,36 @@ def sampling_params(body: SamplingFields, prompt_len: int, max_model_len: int, d
                               prompt_logprobs=prompt_logprobs, ignore_eos=body.ignore_eos,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias,
-                              min_tokens=body.min_tokens, min_p=body.min_p)
+                              min_tokens=body.min_tokens, min_p=body.min_p,
+                              structured_output=structured_output(body))
     except ValueError as error:
         raise bad_value(error) from error
+
+
+def structured_output(body: SamplingFields) -> Optional[StructuredOutput]:
+    """The one structured output a body asks for (response_format or vLLM's guided_*), or None; 400s name the field."""
+    asked = {field: value for field, value in (
+        ("response_format", None if body.response_format is None or body.response_format.type == "text"
+         else body.response_format),
+        ("guided_json", body.guided_json), ("guided_regex", body.guided_regex),
+        ("guided_choice", body.guided_choice)) if value is not None}
+    if len(asked) > 1:
+        raise bad_request(f"{' and '.join(asked)} both constrain the output; pass only one", list(asked)[1])
+    if not asked:
+        return None
+    (field, value), = asked.items()
+    try:
+        if field == "response_format":
+            if value.type == "json_object":
+                return StructuredOutput.json_object()
+            if value.json_schema is None:
+                raise ValueError("response_format of type json_schema needs json_schema: {name, schema}")
+            return StructuredOutput.json_schema(value.json_schema.schema_)
+        if field == "guided_json":
+            return StructuredOutput.json_schema(value)
+        return StructuredOutput.regex(value) if field == "guided_regex" else StructuredOutput.choice(value)
+    except ValueError as error:
+        raise bad_request(str(error).removeprefix("SamplingParams.structured_output: "), field) from error
 
 
 def check_counts(n: int, prompts: int, limit: int) -> None:

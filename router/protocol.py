@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -29,6 +29,22 @@ class ErrorResponse(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = Field(False, description="Send a last chunk with the token usage.")
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = "response"
+    description: Optional[str] = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema", description="The JSON schema to follow.")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: free text, any JSON object, or JSON that follows a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
 
 
 class SamplingFields(BaseModel):
@@ -58,6 +74,11 @@ class SamplingFields(BaseModel):
     min_tokens: int = Field(0, description="vLLM's extension: no stop token before this many tokens.")
     min_p: float = Field(0.0, description="vLLM's extension: sample only tokens at least min_p times as likely as "
                          "the most likely one; 0 is off.")
+    response_format: Optional[ResponseFormat] = Field(None, description="json_object or json_schema: the output "
+                                                      "follows it.")
+    guided_json: Optional[Union[dict[str, Any], str]] = Field(None, description="vLLM's: a JSON schema to follow.")
+    guided_regex: Optional[str] = Field(None, description="vLLM's: a regular expression the output matches.")
+    guided_choice: Optional[list[str]] = Field(None, description="vLLM's: the output is one of these strings.")
 
     @field_validator("presence_penalty", "frequency_penalty", "repetition_penalty", mode="before")
     @classmethod

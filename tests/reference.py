@@ -84,3 +84,31 @@ def penalized_greedy(model: nn.Module, prompt: list[int], max_tokens: int, *, pr
         if token == eos_token_id:
             break
     return output
+
+
+@torch.no_grad()
+def grammar_greedy(model: nn.Module, tokenizer, prompt: list[int], spec, max_tokens: int) -> list[int]:
+    """Greedy tokens under xgrammar's own mask for a StructuredOutput spec (None: unmasked), one row.
+
+    Full forward for every token (no cache); stops at EOS or when the grammar is complete.
+    """
+    import xgrammar as xgr
+
+    vocab, eos = model.config.vocab_size, tokenizer.eos_token_id
+    matcher = None
+    if spec is not None:
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=[eos])
+        matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_grammar(spec.grammar()))
+    ids, output = list(prompt), []
+    for _ in range(max_tokens):
+        logits = model(input_ids=torch.tensor([ids])).logits[:, -1].float()  # [1, V]
+        if matcher is not None:
+            bitmask = xgr.allocate_token_bitmask(1, vocab)
+            matcher.fill_next_token_bitmask(bitmask)
+            xgr.apply_token_bitmask_inplace(logits, bitmask)
+        token = int(logits.argmax())
+        ids.append(token)
+        output.append(token)
+        if token == eos or (matcher is not None and matcher.accept_token(token) and matcher.is_terminated()):
+            break
+    return output

@@ -6,6 +6,7 @@ Every answer is compared with the engine run alone in this process for that adap
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 
 import httpx
@@ -18,8 +19,9 @@ from transformers import AutoTokenizer
 
 from deploy.app import build_app
 from flora_core.default_model import DEFAULT_MODEL_NAME, default_model_dir
+from flora_core.structured_output import StructuredOutput
 from router.handle_api import GenerateRequest
-from tests.reference import penalized_greedy
+from tests.reference import grammar_greedy, penalized_greedy
 from tests.serving_fixtures import (
     PROMPTS, TEST_ADAPTERS, app_args, engine_alone_texts, merged_logprobs, merged_model, write_test_adapters,
 )
@@ -253,6 +255,58 @@ def test_logit_bias_and_min_tokens_in_one_batch_match_generate_alone(app, adapte
         assert expected != plain, f"{fields} leave {model} unchanged"
 
 
+GUIDED = [  # (model, request fields, the same as a StructuredOutput)
+    ("lora-r8", {"guided_regex": "[a-z]{2,4}-[0-9]{2}"}, StructuredOutput.regex("[a-z]{2,4}-[0-9]{2}")),
+    ("flora-r1", {"guided_choice": ["yes", "no", "maybe"]}, StructuredOutput.choice(["yes", "no", "maybe"])),
+    ("ia3-a", {"guided_regex": "[A-Z][a-z]{1,4} [0-9]"}, StructuredOutput.regex("[A-Z][a-z]{1,4} [0-9]")),
+    (DEFAULT_MODEL_NAME, {}, None),
+]
+
+
+def test_structured_outputs_in_one_batch_match_each_request_alone(app, adapter_root):
+    """vLLM's guided_regex / guided_choice on completions and chat, with free text, at once; each answer equals
+    its merged model alone under xgrammar's mask. OpenAI's response_format asks for JSON, which the embedded
+    model's characters cannot spell (no '{'): that request alone gets a 400 saying so."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    messages = [{"role": "user", "content": "hello"}]
+
+    async def complete(client, model, fields):
+        reply = await client.completions.create(model=model, prompt="hello=", max_tokens=16, temperature=0,
+                                                extra_body=fields)
+        return reply.choices[0].text
+
+    async def chat(client, model, fields):
+        reply = await client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0,
+                                                     extra_body=fields)
+        return reply.choices[0].message.content
+
+    async def json_request(client):
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="lora-r4", messages=messages, max_tokens=16,
+                                                 response_format={"type": "json_object"})
+        return info.value
+
+    async def ask_all(client):
+        return await asyncio.gather(*(complete(client, m, f) for m, f, _ in GUIDED),
+                                    *(chat(client, m, f) for m, f, _ in GUIDED[:2]), json_request(client))
+
+    *texts, refused = with_client(ask_all)
+    prompts = [tokenizer("hello=")["input_ids"]] * len(GUIDED) + [
+        tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                  add_special_tokens=False)["input_ids"]] * 2
+    for (model, fields, spec), prompt, text in zip(GUIDED + GUIDED[:2], prompts, texts):
+        reference = merged_model(adapter_root, None if model == DEFAULT_MODEL_NAME else model)
+        expected = tokenizer.decode(grammar_greedy(reference, tokenizer, prompt, spec, 16), skip_special_tokens=True)
+        assert text == expected, (model, fields)
+        if spec is not None:
+            assert expected != tokenizer.decode(grammar_greedy(reference, tokenizer, prompt, None, 16),
+                                                skip_special_tokens=True), f"{fields} leave {model} unchanged"
+        if spec is not None and spec.kind == "regex":
+            assert re.fullmatch(fields["guided_regex"], text), text
+    assert texts[1] in GUIDED[1][1]["guided_choice"]
+    assert refused.status_code == 400 and "'{'" in refused.body["message"]
+
+
 def test_chat_completions_use_the_chat_template(app):
     async def ask(client):
         chat = await client.chat.completions.create(model="flora-r4", messages=[{"role": "user", "content": "hello"}],
@@ -285,6 +339,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(app):
         for fields, param in [({"logit_bias": {"100000": 5}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
                               ({"logit_bias": {"five": 1}}, "logit_bias"), ({"extra_body": {"min_p": 2}}, "min_p"),
                               ({"extra_body": {"min_tokens": 17}, "max_tokens": 16}, "min_tokens")]:
+            bad = await expect(client, openai.BadRequestError, **fields)
+            assert bad.body["param"] == param, fields
+        for fields, param in [({"extra_body": {"guided_regex": "[a-"}}, "guided_regex"),
+                              ({"extra_body": {"guided_regex": "a", "guided_choice": ["b"]}}, "guided_choice"),
+                              ({"extra_body": {"response_format": {"type": "json_schema"}}}, "response_format")]:
             bad = await expect(client, openai.BadRequestError, **fields)
             assert bad.body["param"] == param, fields
         await expect(client, openai.BadRequestError, temperature=-1)
