@@ -353,10 +353,8 @@ class Engine:
                                            [state.output_ids for state in states], logits.shape[1], logits.device)
         batch = SamplingBatch.from_params(params, [state.generator for state in states], logits.device, token_bias,
                                           penalties)
-        if self._grammars is not None:
-            tokens = next_tokens(self._grammars.mask(logits, [state.grammar for state in states]), batch)
-        else:
-            tokens = next_tokens(logits, batch)
+        allowed = logits if self._grammars is None else self._grammars.mask(logits, [s.grammar for s in states])
+        tokens = next_tokens(allowed, batch)
         logprobs = _logprobs(states, logits, tokens)
         outputs = [state.append(token, logprobs.get(row)) for row, (state, token) in
                    enumerate(zip(states, tokens.tolist()))]

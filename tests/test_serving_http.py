@@ -404,6 +404,12 @@ def test_python_handle_api(app, adapter_root):
     ended = handle.generate.remote(GenerateRequest(adapter="lora-r8", prompt="hello=", max_tokens=12, min_tokens=3,
                                                    logit_bias={eos: 100.0})).result()
     assert len(ended.token_ids) == 4 and ended.token_ids[3] == eos and eos not in ended.token_ids[:3]
+    chosen = handle.generate.remote(GenerateRequest(adapter="lora-r8", prompt="hello=", max_tokens=8,
+                                                    guided_choice=["yes", "no way"])).result()
+    assert chosen.text in ("yes", "no way") and chosen.finish_reason == "stop"
+    with pytest.raises(Exception, match="lacks a character"):
+        handle.generate.remote(GenerateRequest(adapter="lora-r8", prompt="hello=", max_tokens=8,
+                                               response_format={"type": "json_object"})).result()
     scored = handle.generate.remote(GenerateRequest(adapter="flora-r2", prompt=[5, 9, 17, 4], max_tokens=1,
                                                     prompt_logprobs=2)).result()
     expected = merged_logprobs(adapter_root, "flora-r2", [5, 9, 17, 4])
