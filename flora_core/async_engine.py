@@ -84,6 +84,8 @@ class AsyncEngine:
             self._streams[request_id] = (asyncio.get_running_loop(), queue)  # before add: outputs may come at once
         added = finished = False
         try:
+            if params is not None and params.structured_output is not None:  # compile off the event loop
+                await asyncio.to_thread(self._engine.compile_grammar, params.structured_output)
             self._engine.add_request(prompt, params, adapter, request_id)
             added = True
             while not finished:

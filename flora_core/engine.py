@@ -59,7 +59,7 @@ from flora_core.request_validation import (
 from flora_core.running_batch import RunningBatch, advance, after_prefill, concat, decode_inputs, prefill_inputs, select
 from flora_core.sampler import SamplingBatch, next_tokens, token_logprobs
 from flora_core.sampling_params import SamplingParams
-from flora_core.structured_output import GrammarCompiler
+from flora_core.structured_output import GrammarCompiler, StructuredOutput
 from flora_core.token_bias import TokenBiasBatch
 
 
@@ -159,6 +159,11 @@ class Engine:
             self._inbox.append(state)
         self._work.set()
         return request_id
+
+    def compile_grammar(self, spec: StructuredOutput) -> None:
+        """Compile a structured output now (cached), e.g. on a worker thread before add_request:
+        a large schema over a large vocabulary can take a second, which add_request would then not wait for."""
+        self._grammar_compiler().compile(spec)
 
     def _grammar_compiler(self) -> GrammarCompiler:
         with self._lock:

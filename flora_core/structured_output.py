@@ -97,8 +97,12 @@ class GrammarCompiler:
                                                   stop_token_ids=sorted(stop_token_ids) or None)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
 
+    def compile(self, spec: StructuredOutput):
+        """The spec compiled against the vocabulary (xgrammar caches it: a second call is cheap)."""
+        return self._compiler.compile_grammar(spec.grammar())
+
     def matcher(self, spec: StructuredOutput) -> "GrammarMatcher":
-        return GrammarMatcher(self._xgr.GrammarMatcher(self._compiler.compile_grammar(spec.grammar())))
+        return GrammarMatcher(self._xgr.GrammarMatcher(self.compile(spec)))
 
     def mask(self, logits: torch.Tensor, matchers: Sequence["GrammarMatcher | None"]) -> torch.Tensor:
         """The logits with every token a row's grammar forbids at -inf; rows without a matcher unchanged.
