@@ -39,7 +39,6 @@ _RETRAIN = "retrain the adapter without it, or merge it into the base model and 
 # PEFT options whose weights mean something other than plain LoRA / IA3: (field, what it is).
 # Any value other than null / false / empty is refused.
 _UNSUPPORTED_OPTIONS: tuple[tuple[str, str], ...] = (
-    ("use_dora", "DoRA (weight-decomposed LoRA)"),
     ("modules_to_save", "fully trained copies of whole modules"),
     ("target_parameters", "LoRA on raw parameters (e.g. MoE experts)"),
     ("layer_replication", "layer replication"),
@@ -87,6 +86,7 @@ class AdapterConfig:
     r: int | None
     lora_alpha: float | None
     use_rslora: bool
+    use_dora: bool  # DoRA: every LoRA module carries a magnitude vector
     target_modules: PatternTargets
     fan_in_fan_out: bool
     rank_pattern: Mapping[str, int]
@@ -156,6 +156,7 @@ def parse_adapter_config(data: Any, *, source: str = CONFIG_NAME) -> AdapterConf
         r=None if kind is AdapterKind.IA3 else _positive_int(data.get("r", _default_r(kind)), "r", source),
         lora_alpha=_number(data.get("lora_alpha", 8), "lora_alpha", source) if kind is AdapterKind.LORA else None,
         use_rslora=_bool(data, "use_rslora", source) if kind is AdapterKind.LORA else False,
+        use_dora=_bool(data, "use_dora", source) if kind is AdapterKind.LORA else False,
         target_modules=target_modules,
         fan_in_fan_out=_bool(data, "fan_in_fan_out", source),
         rank_pattern=MappingProxyType(rank_pattern),

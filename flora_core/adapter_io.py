@@ -7,6 +7,7 @@ Tensor keys are "base_model.model." + the module name as `model.named_modules()`
 LM gives it (e.g. "model.layers.0.self_attn.q_proj") + a suffix per kind:
 
     LORA   <m>.lora_A.weight [r, d_in]    <m>.lora_B.weight [d_out, r]
+           + <m>.lora_magnitude_vector [d_out] with DoRA (use_dora)
     IA3    <m>.ia3_l [d_out, 1], or [1, d_in] for PEFT's feedforward_modules
     FLORA  <m>.flora_in [r, d_in]         <m>.flora_out [r, d_out]
 
@@ -63,19 +64,20 @@ _PICKLE_GLOBS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 _BUILT_SCALE_REL_TOL = 2.0**-50
 _DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 _KEY_FORMS = {
-    AdapterKind.LORA: re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.default)?\.weight"),
+    AdapterKind.LORA: re.compile(
+        r"(?P<module>.+)\.(?:(?P<part>lora_A|lora_B)(?:\.default)?\.weight"
+        r"|(?P<dora>lora_magnitude_vector)(?:\.default)?(?:\.weight)?)"),
     AdapterKind.IA3: re.compile(r"(?P<module>.+)\.(?P<part>ia3_l)(?:\.default)?"),
     AdapterKind.FLORA: re.compile(r"(?P<module>.+)\.(?P<part>flora_in|flora_out)"),
 }
 _KEY_EXAMPLES = {
-    AdapterKind.LORA: "<module>.lora_A.weight / <module>.lora_B.weight",
+    AdapterKind.LORA: "<module>.lora_A.weight / <module>.lora_B.weight (/ <module>.lora_magnitude_vector)",
     AdapterKind.IA3: "<module>.ia3_l",
     AdapterKind.FLORA: "<module>.flora_in / <module>.flora_out",
 }
 # Substrings of keys we recognise but cannot serve, and why.
 _KEY_HINTS = (
     ("lora_embedding_", "LoRA on an embedding layer is not supported yet"),
-    ("lora_magnitude_vector", "DoRA (use_dora) is not supported yet"),
     ("lora_B.bias", "a trained lora_B bias (lora_bias) is not supported yet"),
     ("modules_to_save", "modules_to_save (full module copies) is not supported yet"),
     ("trainable_tokens", "trained embedding rows (trainable_token_indices) are not supported yet"),
@@ -252,7 +254,7 @@ def _group_by_module(
         match = _KEY_FORMS[kind].fullmatch(key[len(KEY_PREFIX):]) if key.startswith(KEY_PREFIX) else None
         if match is None:
             raise ValueError(_unknown_key_message(key, kind, source))
-        name, part = match["module"], match["part"]
+        name, part = match["module"], match["part"] or match.groupdict().get("dora")
         _check_module_name(name, f"{source}: key {key!r}")
         parts = groups.setdefault(name, {})
         if part in parts:
@@ -289,7 +291,8 @@ def _build_module(
             present = sorted(parts)
             raise ValueError(f"{source}: module {name!r} has {present} but no {part}; it needs both {list(needed)}")
     if kind is AdapterKind.LORA:
-        return LoraModule(a=parts["lora_A"], b=parts["lora_B"], scale=config.scale_for(name))
+        return LoraModule(a=parts["lora_A"], b=parts["lora_B"], scale=config.scale_for(name),
+                          magnitude=parts.get("lora_magnitude_vector"))
     if kind is AdapterKind.FLORA:
         return FloraModule(flora_in=parts["flora_in"], flora_out=parts["flora_out"])
     return _build_ia3(name, parts["ia3_l"], config.is_feedforward(name), source)
@@ -327,6 +330,10 @@ def _check_module(name: str, module: ModuleWeights, where: str) -> None:
             f"{where}: module {name!r} ranks disagree: {first[0]} has shape {list(first[1].shape)}, "
             f"{second[0]} has shape {list(second[1].shape)}; re-export the adapter"
         )
+    magnitude = getattr(module, "magnitude", None)
+    if magnitude is not None and tuple(magnitude.shape) != (module.b.shape[0],):
+        raise ValueError(f"{where}: module {name!r} lora_magnitude_vector has shape {list(magnitude.shape)}; DoRA "
+                         f"needs one entry per output, [{module.b.shape[0]}]")
 
 
 def _check_finite(name: str, module: ModuleWeights) -> None:
@@ -357,6 +364,10 @@ def _check_against_config(
             f"{where}: {CONFIG_NAME} gives module {name!r} rank {config.rank_for(name)} (r / rank_pattern) "
             f"but its weights have rank {module.rank}; fix r or rank_pattern"
         )
+    if isinstance(module, LoraModule) and config.use_dora != (module.magnitude is not None):
+        has = "has" if module.magnitude is not None else "has no"
+        raise ValueError(f"{where}: module {name!r} {has} lora_magnitude_vector but use_dora is {config.use_dora} in "
+                         f"{CONFIG_NAME}; DoRA adapters need both, plain LoRA neither")
     scale = config.scale_for(name) if isinstance(module, LoraModule) else None
     if scale is not None and not math.isclose(scale, module.scale, rel_tol=scale_rel_tol, abs_tol=0.0):
         raise ValueError(
@@ -378,6 +389,8 @@ def _to_tensors(adapter: AdapterWeights) -> list[tuple[str, torch.Tensor]]:
         key = KEY_PREFIX + name
         if isinstance(m, LoraModule):
             out += [(f"{key}.lora_A.weight", m.a), (f"{key}.lora_B.weight", m.b)]
+            if m.magnitude is not None:
+                out.append((f"{key}.lora_magnitude_vector", m.magnitude))
         elif isinstance(m, FloraModule):
             out += [(f"{key}.flora_in", m.flora_in), (f"{key}.flora_out", m.flora_out)]
         else:
@@ -404,6 +417,7 @@ def _default_config(adapter: AdapterWeights) -> dict[str, object]:
     return {
         **base, "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": False,
+        "use_dora": any(adapter.modules[n].magnitude is not None for n in names),
         "fan_in_fan_out": False, "bias": "none",
     }
 

@@ -22,21 +22,24 @@ import torch
 class AdapterKind(str, enum.Enum):
     """The three adapter kinds served in one batch."""
 
-    LORA = "lora"  # y = W0 x + s * B (A x)
+    LORA = "lora"  # y = W0 x + s * B (A x); DoRA rescales each output of W0 x + s * B (A x)
     FLORA = "flora"  # y = (W0 o (out^T in / r)) x, o element-wise
     IA3 = "ia3"  # y = (W0 x) o l, or W0 (x o l) for feed-forward modules
 
 
 @dataclass(frozen=True, eq=False)  # tensors: compare by identity, never by value
 class LoraModule:
-    """One LoRA target: delta W = scale * b @ a.
+    """One LoRA target: delta W = scale * b @ a; with DoRA's magnitude m, W = m / ||W0 + delta W|| o (W0 + delta W).
 
-    a: [r, d_in]; b: [d_out, r]; scale: alpha / r (alpha / sqrt(r) with rsLoRA).
+    a: [r, d_in]; b: [d_out, r]; scale: alpha / r (alpha / sqrt(r) with rsLoRA). magnitude:
+    [d_out] for DoRA (PEFT's use_dora; ||.|| is each output row's L2 norm, the bias is not
+    scaled), None for plain LoRA.
     """
 
     a: torch.Tensor
     b: torch.Tensor
     scale: float
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:

@@ -21,6 +21,7 @@ class SlotTable(NamedTuple):
     """A layer's per-slot state, read on every forward; rebuilt (never mutated) by every slot write."""
 
     lora_rank: tuple[int, ...]  # [lora slots]: the slot's rank in this layer, 0 = not targeted
+    lora_dora: tuple[bool, ...]  # [lora slots]: the slot's adapter is DoRA here (its outputs are rescaled)
     flora_rank: tuple[int, ...]  # [flora slots]: likewise
     ia3_in: tuple[bool, ...]  # [ia3 slots]: scales this layer's input (PEFT's feed-forward modules)
     ia3_out: tuple[bool, ...]  # [ia3 slots]: scales this layer's output
@@ -35,13 +36,15 @@ class SlotTable(NamedTuple):
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """One layer's work for one batch: IA3 on input/output, LoRA's rank and strategy, FLoRA's rank groups."""
+    """One layer's work for one batch: IA3 on input/output, LoRA's rank and strategy, DoRA's tokens, FLoRA's
+    rank groups."""
 
     ia3_in: bool  # some IA3 token scales this layer's input
     ia3_out: bool  # ... or its output
     lora_rank: int  # largest rank among the batch's LoRA slots in this layer; 0 = no LoRA work
     lora_strategy: str | None  # a name in batched_ops.LORA_STRATEGIES when lora_rank > 0
     flora_groups: tuple[tuple[int, SlotRows], ...]  # (rank, its tokens); () = no FLoRA slot targets it
+    dora_rows: SlotRows | None = None  # the LoRA tokens whose slot is DoRA in this layer; None = none
 
 
 def layer_plan(table: SlotTable, batch: AdapterBatch) -> LayerPlan:
@@ -60,7 +63,16 @@ def _build_plan(table: SlotTable, batch: AdapterBatch) -> LayerPlan:
         lora_rank=lora_rank,
         lora_strategy=pick_lora_strategy(batch.lora, lora_rank, table.width) if lora_rank else None,
         flora_groups=_flora_rank_groups(table.flora_rank, batch.flora),
+        dora_rows=_dora_rows(table.lora_dora, batch.lora),
     )
+
+
+def _dora_rows(slot_is_dora: tuple[bool, ...], rows: SlotRows) -> SlotRows | None:
+    """The batch's LoRA tokens whose slot holds a DoRA adapter in this layer (all of them, or a subset)."""
+    dora = tuple(slot for slot in rows.distinct_slots if slot_is_dora[slot])
+    if not dora:
+        return None
+    return rows if len(dora) == len(rows.distinct_slots) else rows.subset(dora)
 
 
 def _flora_rank_groups(slot_ranks: tuple[int, ...], rows: SlotRows) -> tuple[tuple[int, SlotRows], ...]:

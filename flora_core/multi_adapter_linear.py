@@ -4,6 +4,7 @@ The wrapper is swapped in for a model's nn.Linear (or GPT-2's Conv1D) and comput
 token t of a batch, the layer with that token's own adapter:
 
     LoRA:  y_t = W0 x_t + b0 + s B (A x_t)
+    DoRA:  y_t = g o (W0 x_t + s B (A x_t)) + b0,  g = m / ||W0 + s B A|| per output row (PEFT)
     FLoRA: y_t = (W0 o M) x_t + b0,  M = flora_out^T flora_in / r   (bias untouched, as in the paper)
     IA3:   y_t = (W0 x_t + b0) o l,  or  W0 (x_t o l) + b0 for feed-forward modules (PEFT)
     none:  y_t = W0 x_t + b0          (the base layer itself)
@@ -80,12 +81,15 @@ class MultiAdapterLinear(nn.Module):
         self.register_buffer("lora_b", torch.zeros(n_lora, r_lora, self.d_out, **like), persistent=False)
         self.register_buffer("flora_in", torch.zeros(n_flora, r_flora, self.d_in, **like), persistent=False)
         self.register_buffer("flora_out", torch.zeros(n_flora, r_flora, self.d_out, **like), persistent=False)
+        # DoRA's per-output scale g = m / ||W0 + s B A|| of each LoRA slot (ones for plain LoRA),
+        # computed when the slot is written: it depends on this layer's W0, not only on the adapter.
+        self.register_buffer("dora_scale", torch.ones(n_lora, self.d_out, **like), persistent=False)
         self.register_buffer("ia3_in", torch.ones(n_ia3 := capacity.ia3_slots, self.d_in, **like), persistent=False)
         self.register_buffer("ia3_out", torch.ones(n_ia3, self.d_out, **like), persistent=False)
         # Host-side mirror, read on every forward without a device sync: the rank each slot has
         # in this layer (0 = the slot's adapter does not target it) and IA3's direction.
-        self.slot_table = SlotTable(lora_rank=(0,) * n_lora, flora_rank=(0,) * n_flora, ia3_in=(False,) * n_ia3,
-                                    ia3_out=(False,) * n_ia3, width=self.d_in + self.d_out)
+        self.slot_table = SlotTable(lora_rank=(0,) * n_lora, lora_dora=(False,) * n_lora, flora_rank=(0,) * n_flora,
+                                    ia3_in=(False,) * n_ia3, ia3_out=(False,) * n_ia3, width=self.d_in + self.d_out)
         for slot in range(n_flora):
             self._write_flora(slot, None)
 
@@ -122,7 +126,8 @@ class MultiAdapterLinear(nn.Module):
     def _write_lora(self, slot: int, weights: LoraModule | None) -> None:
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
-        self.slot_table = self.slot_table.replace_at("lora_rank", slot, 0)
+        self.dora_scale[slot].fill_(1.0)
+        self.slot_table = self.slot_table.replace_at("lora_rank", slot, 0).replace_at("lora_dora", slot, False)
         if weights is None:
             return
         r = weights.rank
@@ -131,7 +136,21 @@ class MultiAdapterLinear(nn.Module):
         self._check_shape("lora B", weights.b, (self.d_out, r))
         self.lora_a[slot, :r].copy_(weights.a)
         self.lora_b[slot, :r].copy_(weights.b.to(torch.float32).t() * weights.scale)
+        if weights.magnitude is not None:
+            self._check_shape("DoRA magnitude", weights.magnitude, (self.d_out,))
+            self.dora_scale[slot].copy_(weights.magnitude.to(torch.float32) / self._merged_row_norms(weights))
+            self.slot_table = self.slot_table.replace_at("lora_dora", slot, True)
         self.slot_table = self.slot_table.replace_at("lora_rank", slot, r)
+
+    def _merged_row_norms(self, weights: LoraModule, rows_per_chunk: int = 1024) -> torch.Tensor:
+        """||W0 + s B A|| of each output row ([d_out] float32), as PEFT's DoRA computes it, a chunk of rows at a time."""
+        weight, a = self._weight_out_in(), weights.a.to(device=self.dora_scale.device, dtype=torch.float32)
+        b = weights.b.to(device=self.dora_scale.device, dtype=torch.float32) * weights.scale
+        norms = []
+        for start in range(0, self.d_out, rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            norms.append(torch.linalg.norm(weight[rows].float() + b[rows] @ a, dim=1))
+        return torch.cat(norms)
 
     def _write_flora(self, slot: int, weights: FloraModule | None) -> None:
         self.flora_in[slot].zero_()
@@ -180,9 +199,22 @@ class MultiAdapterLinear(nn.Module):
             strategy = lora_strategy(plan.lora_strategy)
             delta = strategy(tokens, self.lora_a, self.lora_b, batch.lora, plan.lora_rank)
             y = y + delta if batch.lora.covers_all_tokens else y.index_add(0, batch.lora.token_index, delta)
+        if plan.dora_rows is not None:
+            y = self._dora_rescale(y, plan.dora_rows)
         if plan.ia3_out:
             y = ia3_scale(y, self.ia3_out, batch.ia3)
         return y.view(*x.shape[:-1], self.d_out)
+
+    def _dora_rescale(self, y: torch.Tensor, rows) -> torch.Tensor:
+        """DoRA tokens' outputs W0 x + b + s B A x -> g o (W0 x + s B A x) + b, the bias unscaled.
+
+        y: [T, d_out]; rows: the SlotRows of the tokens whose LoRA slot holds a DoRA adapter.
+        """
+        bias = self.base_layer.bias
+        scale = self.dora_scale.index_select(0, rows.slots)  # [n, d_out]
+        picked = y if rows.covers_all_tokens else y.index_select(0, rows.token_index)
+        rescaled = picked * scale if bias is None else (picked - bias) * scale + bias
+        return rescaled if rows.covers_all_tokens else y.index_copy(0, rows.token_index, rescaled)
 
     def _weight_out_in(self) -> torch.Tensor:
         """W0 as [d_out, d_in] (a view for Conv1D, whose weight is stored [d_in, d_out])."""

@@ -19,7 +19,10 @@ def merged_delta_weight(module: LoraModule | FloraModule | Ia3Module, weight: to
     """The merged weight [d_out, d_in] for base weight [d_out, d_in], computed in float64."""
     w = weight.double()
     if isinstance(module, LoraModule):
-        return w + module.scale * module.b.double() @ module.a.double()
+        merged = w + module.scale * module.b.double() @ module.a.double()
+        if module.magnitude is None:
+            return merged
+        return (module.magnitude.double() / torch.linalg.norm(merged, dim=1))[:, None] * merged  # DoRA
     if isinstance(module, FloraModule):
         mask = module.flora_out.double().t() @ module.flora_in.double() / module.rank
         return w * mask

@@ -241,7 +241,6 @@ def _config(**override: object) -> dict:
 CONFIG_ERRORS = [
     (_config(peft_type=_DROP), "field 'peft_type' is missing"),
     (_config(peft_type="PREFIX_TUNING"), "peft_type='PREFIX_TUNING' is not supported"),
-    (_config(use_dora=True), "use_dora=True \\(DoRA"),
     (_config(modules_to_save=["score"]), "modules_to_save"),
     (_config(bias="all"), "bias='all'"),
     (_config(target_modules=["q_proj", "lm_head"]), "target_modules includes \\['lm_head'\\]"),
@@ -358,7 +357,11 @@ WEIGHT_ERRORS = [
      "lora_embedding_A.*embedding layer"),
     ({"base_model.model.lm_head.lora_A.weight": torch.ones(2, 32), "base_model.model.lm_head.lora_B.weight":
       torch.ones(128, 2)}, LORA_CFG, "module 'lm_head' is lm_head or an embedding"),
-    ({**GOOD_LORA, P + "q_proj.lora_magnitude_vector": torch.ones(32)}, LORA_CFG, "DoRA"),
+    ({**GOOD_LORA, P + "q_proj.lora_magnitude_vector": torch.ones(32)}, LORA_CFG,
+     "has lora_magnitude_vector but use_dora is False"),
+    (GOOD_LORA, {**LORA_CFG, "use_dora": True}, "has no lora_magnitude_vector but use_dora is True"),
+    ({**GOOD_LORA, P + "q_proj.lora_magnitude_vector": torch.ones(16)}, {**LORA_CFG, "use_dora": True},
+     "lora_magnitude_vector has shape \\[16\\]; DoRA needs one entry per output, \\[32\\]"),
     ({**GOOD_LORA, P + "q_proj.lora_B.bias": torch.ones(32)}, LORA_CFG, "lora_bias"),
     (GOOD_LORA, {**LORA_CFG, "r": 4}, "gives module 'model.layers.0.self_attn.q_proj' rank 4.*fix r or rank_pattern"),
     (_with(lora_A__weight=torch.ones(2, 32, dtype=torch.int32)), LORA_CFG, "dtype I32"),

@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 import flora_core.batched_ops as batched_ops
 import flora_core.layer_plan as layer_plan
 from flora_core.adapter_batch import AdapterBatch, AdapterSlot
-from flora_core.adapter_weights import AdapterKind, AdapterWeights, Ia3Module
+from flora_core.adapter_weights import AdapterKind, AdapterWeights, Ia3Module, LoraModule
 from flora_core.batched_ops import LORA_STRATEGIES
 from flora_core.multi_adapter_linear import MultiAdapterLinear, SlotCapacity
 from flora_core.patching import adapter_batch_scope, patch_model
@@ -69,16 +69,22 @@ def reference_rows(layer: MultiAdapterLinear, adapters: list[AdapterWeights | No
 
 
 def adapter_set(kinds: str, rank: int, seed: int = 10) -> list[AdapterWeights]:
-    """Four adapters on the module named "layer": of one kind, or LoRA/FLoRA/IA3 mixed."""
+    """Four adapters on the module named "layer": of one kind, LoRA/FLoRA/IA3 mixed, or DoRA beside
+    plain LoRA and IA3 (adapters 0 and 2 DoRA)."""
     shapes = {"layer": (D_IN, D_OUT)}
     order = {"lora": [AdapterKind.LORA] * 4, "flora": [AdapterKind.FLORA] * 4, "ia3": [AdapterKind.IA3] * 4,
-             "mixed": [AdapterKind.LORA, AdapterKind.FLORA, AdapterKind.IA3, AdapterKind.LORA]}[kinds]
+             "mixed": [AdapterKind.LORA, AdapterKind.FLORA, AdapterKind.IA3, AdapterKind.LORA],
+             "dora": [AdapterKind.LORA, AdapterKind.LORA, AdapterKind.LORA, AdapterKind.IA3]}[kinds]
     ranks = [rank, max(1, rank // 2), rank, 1]  # mixed ranks share one batch
     adapters = []
     for i, kind in enumerate(order):
         adapter = random_adapter(kind, shapes, rank=ranks[i], seed=seed + i, strength=1.0)
         if kind is AdapterKind.IA3 and i % 2:  # feed-forward style input scaling
             adapter = AdapterWeights(kind, {"layer": Ia3Module(1 + torch.randn(D_IN), on_input=True)})
+        if kinds == "dora" and i in (0, 2):  # magnitudes far from the merged rows' norms
+            lora = adapter.modules["layer"]
+            magnitude = 0.5 + 1.5 * torch.rand(D_OUT, generator=torch.Generator().manual_seed(seed + i))
+            adapter = AdapterWeights(kind, {"layer": LoraModule(lora.a, lora.b, lora.scale, magnitude)})
         adapters.append(adapter)
     return adapters
 
@@ -131,7 +137,7 @@ CAPACITY = SlotCapacity(lora_slots=4, lora_max_rank=64, flora_slots=4, flora_max
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layer_type", ["linear", "conv1d"])
 @pytest.mark.parametrize(("kinds", "rank"), [(k, r) for k in ["lora", "flora", "mixed"] for r in [1, 2, 8, 64]]
-                         + [("ia3", 1)])
+                         + [("ia3", 1), ("dora", 1), ("dora", 8)])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layer_matches_per_row_reference(dtype, layer_type, kinds, rank, layout):
     layer = make_layer(layer_type, dtype, CAPACITY)
@@ -147,12 +153,13 @@ def test_layer_matches_per_row_reference(dtype, layer_type, kinds, rank, layout)
     assert_visible_effect(ref, reference_rows(layer, [None] * len(row_ids), x), row_ids, dtype)
 
 
+@pytest.mark.parametrize("kinds", ["lora", "dora"])
 @pytest.mark.parametrize("strategy", list(LORA_STRATEGIES))
 @pytest.mark.parametrize("layout", ["one_adapter_many_rows", "all_distinct", "interleaved", "with_base_rows"])
-def test_each_lora_strategy_matches_reference(monkeypatch, strategy, layout):
+def test_each_lora_strategy_matches_reference(monkeypatch, strategy, layout, kinds):
     monkeypatch.setattr(layer_plan, "pick_lora_strategy", lambda rows, rank, width: strategy)
     layer = make_layer("linear", torch.float32, CAPACITY)
-    adapters = adapter_set("lora", 8)
+    adapters = adapter_set(kinds, 8)
     slots = load_into_slots(layer, adapters)
     row_ids = LAYOUTS[layout]
     x = torch.randn(len(row_ids), TOKENS_PER_ROW, D_IN)

@@ -2,7 +2,7 @@
 
 Each row's logits must equal PEFT's logits for that row's adapter alone (PeftModel with only that
 adapter), for tiny Llama, Qwen2 and GPT-2 (Conv1D, fan_in_fan_out), for LoRA (plain, rsLoRA,
-rank_pattern / alpha_pattern) and IA3 (with feed-forward input scaling), beside base rows.
+rank_pattern / alpha_pattern), DoRA and IA3 (with feed-forward input scaling), beside base rows.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ def peft_configs(arch: str) -> dict[str, object]:
         "lora-rs-pattern": LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=t["lora"],
                                       rank_pattern={t["pattern"]: 2}, alpha_pattern={t["pattern"]: 16},
                                       init_lora_weights=False, fan_in_fan_out=fan),
+        "dora": LoraConfig(r=4, lora_alpha=16, use_dora=True, target_modules=t["lora"], init_lora_weights=False,
+                           fan_in_fan_out=fan),
+        "dora-rs": LoraConfig(r=2, lora_alpha=4, use_rslora=True, use_dora=True, target_modules=t["lora"][:1],
+                              init_lora_weights=False, fan_in_fan_out=fan),
         "ia3": IA3Config(target_modules=t["ia3"], feedforward_modules=t["ff"], init_ia3_weights=False,
                          fan_in_fan_out=fan),
     }
@@ -48,20 +52,35 @@ def save_peft_adapter(base, config, directory, seed: int) -> None:
             for name, param in peft_model.named_parameters():
                 if "ia3_l" in name:
                     param.copy_(1 + 0.5 * torch.randn_like(param))
+    if getattr(config, "use_dora", False):  # magnitudes away from ||W0 + s B A||, where DoRA equals LoRA
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    param.mul_(1 + 0.3 * torch.randn_like(param))
     peft_model.save_pretrained(directory)
+
+
+def with_random_biases(model):
+    """Every bias random (configs initialise them to zero), so that which adapters scale the bias shows."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+    return model
 
 
 @pytest.mark.parametrize("arch", list(TINY_MODELS))
 def test_mixed_batch_equals_peft_per_adapter(arch, tmp_path):
-    base = TINY_MODELS[arch]()
+    base = with_random_biases(TINY_MODELS[arch]())
     configs = peft_configs(arch)
     for seed, (name, config) in enumerate(configs.items()):
         save_peft_adapter(base, config, tmp_path / name, seed)
 
-    ours = MultiAdapterModel(copy.deepcopy(base), capacity=SlotCapacity(lora_slots=2, flora_slots=0, ia3_slots=1))
+    ours = MultiAdapterModel(copy.deepcopy(base), capacity=SlotCapacity(lora_slots=4, flora_slots=0, ia3_slots=1))
     for name in configs:
         ours.add_adapter(name, tmp_path / name)
-    rows = ["lora-plain", None, "ia3", "lora-rs-pattern", "lora-plain", "ia3", None, "lora-rs-pattern"]
+    rows = ["lora-plain", None, "dora-rs", "ia3", "dora", "lora-rs-pattern", "lora-plain", "dora", "ia3", None,
+            "lora-rs-pattern", "dora-rs"]
     input_ids = torch.randint(0, VOCAB, (len(rows), 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = ours(input_ids, adapter_names=rows).logits
