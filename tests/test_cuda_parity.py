@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("strategy", ["rule", *LORA_STRATEGIES, *gpu_lora_strategies()])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("kinds", "rank"), [("lora", 1), ("lora", 16), ("flora", 1), ("flora", 4), ("ia3", 1),
-                                             ("mixed", 8)])
+                                             ("mixed", 8), ("dora", 8)])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layer_on_cuda_matches_reference(monkeypatch, strategy, dtype, kinds, rank, layout):
     if strategy != "rule":
