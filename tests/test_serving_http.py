@@ -386,6 +386,34 @@ def test_adapters_load_and_unload_at_runtime(app, adapter_root):
     assert httpx.post(f"{app}/v1/completions", json=body, timeout=30).status_code == 404
 
 
+def test_a_peft_dora_adapter_answers_as_peft_generates(app, adapter_root):
+    """A DoRA adapter made by peft for the embedded model, loaded at runtime, against PEFT's own generate()."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(merged_model(adapter_root, None), LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.3 * torch.randn_like(param))
+    peft_model.save_pretrained(adapter_root / "peft-dora")
+    loaded = httpx.post(f"{app}/v1/adapters/load", json={"name": "peft-dora"}, headers=TOKEN, timeout=60)
+    assert loaded.status_code == 200 and loaded.json()["loaded"]["kind"] == "lora"
+    body = {"prompt": "hello=", "max_tokens": 12, "temperature": 0}
+    served = httpx.post(f"{app}/v1/completions", json={**body, "model": "peft-dora"}, timeout=60).json()
+    base = httpx.post(f"{app}/v1/completions", json={**body, "model": DEFAULT_MODEL_NAME}, timeout=60).json()
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    ids = torch.tensor([tokenizer("hello=")["input_ids"]])
+    with torch.no_grad():
+        out = peft_model.eval().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                         pad_token_id=tokenizer.eos_token_id)
+    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert served["choices"][0]["text"] == expected and expected != base["choices"][0]["text"]
+    assert httpx.post(f"{app}/v1/adapters/unload", json={"name": "peft-dora"}, headers=TOKEN,
+                      timeout=30).status_code == 200
+
+
 def test_python_handle_api(app, adapter_root):
     handle = serve.get_app_handle("flora")
     reply = handle.generate.remote(GenerateRequest(adapter="flora-r2", prompt="abcde=", max_tokens=10)).result()
