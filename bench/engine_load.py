@@ -1,6 +1,7 @@
 """The engine alone under the serving benchmark's workloads: no Ray, no HTTP, one process.
 
     python -m bench.engine_load --model llama-moderate      # ~3.5 min on 2 CPU cores
+    python -m bench.engine_load --model llama-moderate --dora   # + the same adapters as DoRA, ~5 min
 
 It separates what batching across adapters gains inside the engine from what the serving stack
 (Ray Serve's proxy and handles, per-token SSE chunks) costs: the same closed loop of C requests
@@ -94,31 +95,40 @@ def engine_closed_loop(engine: Engine, workload: Workload, concurrency: int, dur
 # ----------------------------------------------------------------- the Llama-style model, alone
 
 
-def random_lora(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> AdapterWeights:
+def random_lora(shapes: dict[str, tuple[int, int]], rank: int, seed: int, dora: bool = False) -> AdapterWeights:
+    """Random LoRA factors on every layer of shapes; with dora, a DoRA magnitude vector too."""
     gen = torch.Generator().manual_seed(seed)
     return AdapterWeights(AdapterKind.LORA, {
         name: LoraModule(a=torch.randn(rank, d_in, generator=gen) / d_in**0.5,
-                         b=torch.randn(d_out, rank, generator=gen) * 0.05, scale=1.0)
+                         b=torch.randn(d_out, rank, generator=gen) * 0.05, scale=1.0,
+                         magnitude=1 + 0.1 * torch.rand(d_out, generator=gen) if dora else None)
         for name, (d_in, d_out) in shapes.items()})
 
 
 def run_model(model_name: str, adapters: int, rank: int, concurrency: int, duration_s: float, seed: int,
-              rounds: int) -> list[dict]:
-    """base / uniform over `adapters` / the same with one adapter per step, on one patched model, in rounds."""
+              rounds: int, dora: bool = False) -> list[dict]:
+    """base / uniform over `adapters` / the same with one adapter per step (/ the same adapters as DoRA),
+    on one patched model, in rounds."""
     model = MultiAdapterModel(build_base(model_name, torch.device("cpu"), torch.float32), capacity=SlotCapacity(
         lora_slots=2 * concurrency, lora_max_rank=rank, flora_slots=1, ia3_slots=1))
     shapes = {n: (layer.d_in, layer.d_out) for n, layer in model.layers.items()}
     names = [f"lora-{i:04d}" for i in range(adapters)]
     for i, name in enumerate(names):
         model.add_adapter(name, random_lora(shapes, rank, seed=i))
+    dora_names = [f"dora-{i:04d}" for i in range(adapters)] if dora else []
+    for i, name in enumerate(dora_names):
+        model.add_adapter(name, random_lora(shapes, rank, seed=i, dora=True))
+        with model.pool.pinned([name]):  # a first slot write computes its g (a pass over each W0), kept after
+            pass
     vocab = model.model.config.vocab_size
     encode = lambda text: [3 + ord(c) % (vocab - 3) for c in text]  # noqa: E731 - a stand-in tokenizer
     points = [("base", None), (f"uniform-{adapters}", None), (f"uniform-{adapters}", 1)]
+    points += [(f"dora-uniform-{adapters}", None)] if dora else []
     results = []
     for k, (label, limit) in interleaved(points, rounds):
         engine = Engine(model, EngineConfig(max_model_len=64, max_running=64, max_batched_tokens=256,
                                             max_adapters_per_step=limit))
-        workload = Workload(label, () if label == "base" else tuple(names))
+        workload = Workload(label, () if label == "base" else tuple(dora_names if label.startswith("dora") else names))
         load_before = load_average()
         try:
             stats = engine_closed_loop(engine, workload, concurrency, duration_s, seed + k, encode)
@@ -140,24 +150,27 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per point and round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each point's median round is reported")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds; each point's median round is reported")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dora", action="store_true", help="also the same adapters as DoRA (a magnitude each)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
     info = machine_info(torch.device("cpu"))
     results = run_model(args.model, args.adapters, args.rank, args.concurrency, args.duration, args.seed,
-                        args.rounds)
+                        args.rounds, args.dora)
     info |= {"load_average_after": load_average(), "seconds": round(time.perf_counter() - started)}
-    stem = f"engine_load_{args.model}"
+    stem = f"engine_load_{args.model}" + ("_dora" if args.dora else "")
     command = " ".join(["python -m bench.engine_load", *sys.argv[1:]])
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{stem}.json").write_text(json.dumps(
         {"machine": info, "command": command, "settings": settings, "results": results}, indent=1))
-    lines = [f"# The engine alone on `{args.model}`: {args.adapters} LoRA adapters (rank {args.rank}, every linear "
-             f"layer), closed loop of {args.concurrency}", "",
+    also_dora = f" (and the same {args.adapters} as DoRA)" if args.dora else ""
+    lines = [f"# The engine alone on `{args.model}`: {args.adapters} LoRA adapters{also_dora} (rank {args.rank}, every "
+             f"linear layer), closed loop of {args.concurrency}", "",
              f"Machine: {info['cpu']} ({info['cpu_count']} cores), torch {info['torch']}, 1 thread, float32. Load "
              f"average before: {info['load_average_1_5_15']}, after: {info['load_average_after']}. Ran "
              f"{info['seconds']} s. Command: `{command}`", "", *engine_table({"engine_only": results})]

@@ -15,6 +15,7 @@ The per-call `AdapterBatch` arrives as the `batch` keyword argument of forward (
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,9 @@ class MultiAdapterLinear(nn.Module):
         # DoRA's per-output scale g = m / ||W0 + s B A|| of each LoRA slot (ones for plain LoRA),
         # computed when the slot is written: it depends on this layer's W0, not only on the adapter.
         self.register_buffer("dora_scale", torch.ones(n_lora, self.d_out, **like), persistent=False)
+        # g of every DoRA module written here, in host memory, for as long as the adapter itself is
+        # held (keyed by the module object): an adapter that returns to a slot skips the pass over W0.
+        self._dora_scales: weakref.WeakKeyDictionary[LoraModule, torch.Tensor] = weakref.WeakKeyDictionary()
         self.register_buffer("ia3_in", torch.ones(n_ia3 := capacity.ia3_slots, self.d_in, **like), persistent=False)
         self.register_buffer("ia3_out", torch.ones(n_ia3, self.d_out, **like), persistent=False)
         # Host-side mirror, read on every forward without a device sync: the rank each slot has
@@ -138,12 +142,16 @@ class MultiAdapterLinear(nn.Module):
         self.lora_b[slot, :r].copy_(weights.b.to(torch.float32).t() * weights.scale)
         if weights.magnitude is not None:
             self._check_shape("DoRA magnitude", weights.magnitude, (self.d_out,))
-            self.dora_scale[slot].copy_(weights.magnitude.to(torch.float32) / self._merged_row_norms(weights))
+            scale = self._dora_scales.get(weights)
+            if scale is None:
+                scale = self._dora_scales[weights] = (weights.magnitude.to(torch.float32).cpu()
+                                                      / self._merged_row_norms(weights).cpu())
+            self.dora_scale[slot].copy_(scale)
             self.slot_table = self.slot_table.replace_at("lora_dora", slot, True)
         self.slot_table = self.slot_table.replace_at("lora_rank", slot, r)
 
     def _merged_row_norms(self, weights: LoraModule, rows_per_chunk: int = 1024) -> torch.Tensor:
-        """||W0 + s B A|| of each output row ([d_out] float32), as PEFT's DoRA computes it, a chunk of rows at a time."""
+        """||W0 + s B A|| of each output row ([d_out] float32), as PEFT's DoRA computes it, in chunks of rows."""
         weight, a = self._weight_out_in(), weights.a.to(device=self.dora_scale.device, dtype=torch.float32)
         b = weights.b.to(device=self.dora_scale.device, dtype=torch.float32) * weights.scale
         norms = []

@@ -188,7 +188,7 @@ def flipped_ia3(adapter: AdapterWeights) -> AdapterWeights:
     return AdapterWeights(AdapterKind.IA3, {"layer": Ia3Module(scale, on_input=on_input)})
 
 
-@pytest.mark.parametrize("kinds", ["lora", "flora", "ia3"])
+@pytest.mark.parametrize("kinds", ["lora", "dora", "flora", "ia3"])
 def test_slot_rewrite_between_calls_of_one_batch_is_seen(kinds):
     """A layer's plan is memoized in the batch, so reusing one batch after a slot write must still
     apply the new adapter: a new rank (LoRA/FLoRA) or IA3 scaling the other side of the layer."""
@@ -208,6 +208,18 @@ def test_slot_rewrite_between_calls_of_one_batch_is_seen(kinds):
     assert_close_to_reference(first, ref_before, torch.float32)
     assert_close_to_reference(second, ref_after, torch.float32)
     assert_visible_effect(ref_after, ref_before, row_ids, torch.float32)
+
+
+def test_a_slot_going_dora_plain_dora_matches_the_reference_each_time():
+    """DoRA's g is kept per adapter after its first write: a slot rewritten with plain LoRA is plain,
+    and the DoRA adapter written back gets its own g again."""
+    layer = make_layer("conv1d", torch.float32, CAPACITY)
+    dora, plain = adapter_set("dora", 4)[0], adapter_set("lora", 4, seed=30)[0]
+    x = torch.randn(2, TOKENS_PER_ROW, D_IN)
+    for adapter in (dora, plain, dora):
+        layer.write_slot(AdapterKind.LORA, 1, adapter.modules["layer"])
+        out = run_layer(layer, [AdapterSlot(AdapterKind.LORA, 1)], [0, 0], x)
+        assert_close_to_reference(out, reference_rows(layer, [adapter, adapter], x), torch.float32)
 
 
 def test_base_rows_get_exactly_the_base_layer_output():
