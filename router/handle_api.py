@@ -10,15 +10,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from router.protocol import ResponseFormat
+from router.protocol import SamplingControls
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class GenerateRequest(SamplingControls):
+    """One generation; the penalties, biases and structured output are SamplingControls, as over HTTP."""
 
     adapter: Optional[str] = Field(None, description="An adapter's name; None for the base model.")
     prompt: Union[str, list[int]] = Field(description="Text, or token ids.")
@@ -31,16 +31,6 @@ class GenerateRequest(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     logprobs: Optional[int] = Field(None, description="Top log-probabilities per generated token.")
     prompt_logprobs: Optional[int] = Field(None, description="Top log-probabilities per prompt token (scoring).")
-    presence_penalty: float = Field(0.0, description="In [-2, 2], as OpenAI's; 0 is off.")
-    frequency_penalty: float = Field(0.0, description="In [-2, 2], as OpenAI's; 0 is off.")
-    repetition_penalty: float = Field(1.0, description="> 0, as transformers' and vLLM's; 1 is off.")
-    logit_bias: Optional[dict[int, float]] = Field(None, description="{token id: bias in [-100, 100]}.")
-    min_tokens: int = Field(0, description="No stop token before this many tokens.")
-    min_p: float = Field(0.0, description="In [0, 1], as vLLM's; 0 is off.")
-    response_format: Optional[ResponseFormat] = Field(None, description="json_object or json_schema, as OpenAI's.")
-    guided_json: Optional[Union[dict[str, Any], str]] = Field(None, description="A JSON schema to follow.")
-    guided_regex: Optional[str] = Field(None, description="A regular expression the output matches.")
-    guided_choice: Optional[list[str]] = Field(None, description="The output is one of these strings.")
 
 
 class GenerateUsage(BaseModel):

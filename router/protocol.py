@@ -47,24 +47,12 @@ class ResponseFormat(BaseModel):
     json_schema: Optional[JsonSchemaFormat] = None
 
 
-class SamplingFields(BaseModel):
-    """The sampling fields completions and chat completions share."""
+class SamplingControls(BaseModel):
+    """The controls beyond OpenAI's basic sampling fields, one per request: penalties, biases,
+    vLLM's extensions and structured output. The HTTP bodies and the handle's GenerateRequest share them."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="An adapter's name, or the base model's name for no adapter.")
-    max_tokens: Optional[int] = Field(None, description="Tokens to generate at most (default 16).")
-    temperature: float = Field(1.0, description="0 is greedy decoding.")
-    top_p: float = Field(1.0, description="Nucleus sampling mass, in (0, 1].")
-    top_k: int = Field(-1, description="Sample from the k most likely tokens; -1 or 0 is off.")
-    n: int = Field(1, description="Completions to generate for each prompt.")
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Optional[Union[str, list[str]]] = Field(None, description="Strings that end generation (not returned).")
-    stop_token_ids: Optional[list[int]] = Field(None, description="Token ids that end generation.")
-    seed: Optional[int] = Field(None, description="Makes sampling reproducible for this request.")
-    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (vLLM's extension).")
-    user: Optional[str] = None
     presence_penalty: float = Field(0.0, description="In [-2, 2]: lowers the logit of each token the output has.")
     frequency_penalty: float = Field(0.0, description="In [-2, 2]: lowers a token's logit per time the output has it.")
     repetition_penalty: float = Field(1.0, description="> 0 (vLLM's extension): divides the positive logits of "
@@ -86,6 +74,22 @@ class SamplingFields(BaseModel):
         """null turns a penalty off, as OpenAI's API (whose penalties are nullable) and vLLM take it."""
         return cls.model_fields[info.field_name].default if value is None else value
 
+class SamplingFields(SamplingControls):
+    """The sampling fields completions and chat completions share."""
+
+    model: str = Field(description="An adapter's name, or the base model's name for no adapter.")
+    max_tokens: Optional[int] = Field(None, description="Tokens to generate at most (default 16).")
+    temperature: float = Field(1.0, description="0 is greedy decoding.")
+    top_p: float = Field(1.0, description="Nucleus sampling mass, in (0, 1].")
+    top_k: int = Field(-1, description="Sample from the k most likely tokens; -1 or 0 is off.")
+    n: int = Field(1, description="Completions to generate for each prompt.")
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = Field(None, description="Strings that end generation (not returned).")
+    stop_token_ids: Optional[list[int]] = Field(None, description="Token ids that end generation.")
+    seed: Optional[int] = Field(None, description="Makes sampling reproducible for this request.")
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (vLLM's extension).")
+    user: Optional[str] = None
     def stop_strings(self) -> list[str]:
         if self.stop is None:
             return []
