@@ -1,8 +1,8 @@
 """Which adapters live in the device slots of every wrapped layer.
 
-Three tiers: a host registry of every known adapter (name -> a directory on disk, or weights
-given in memory), an LRU host cache of weights read from disk (disk stays the source of truth,
-so a dropped copy is read again), and per kind the device slots of the `MultiAdapterLinear`
+Three tiers: a host registry of every known adapter (name -> a directory on disk, a weighted
+merge of directories, or weights given in memory), an LRU host cache of weights read from disk
+(disk stays the source of truth, so a dropped copy is read, or merged, again), and per kind the device slots of the `MultiAdapterLinear`
 layers, evicted least recently used (released) first. An adapter is resident in one slot of its kind, at
 the same index in every layer; a layer it does not target holds the neutral value there.
 Acquire pins (reference-counted) so a slot in use by a request is never rewritten.
@@ -20,11 +20,12 @@ from typing import Iterator, Mapping, Sequence, Union
 
 from flora_core.adapter_batch import AdapterSlot
 from flora_core.adapter_io import check_adapter_fits, load_adapter
+from flora_core.adapter_merge import MergedSource, merge_adapters
 from flora_core.adapter_weights import AdapterKind, AdapterWeights
 from flora_core.multi_adapter_linear import MultiAdapterLinear, SlotCapacity
 from flora_core.pool_stats import AdapterInfo, PoolStats
 
-AdapterSource = Union[pathlib.Path, AdapterWeights]
+AdapterSource = Union[pathlib.Path, MergedSource, AdapterWeights]
 _COUNTERS = ("hits", "loads", "evictions", "disk_reads", "host_cache_evictions")
 
 
@@ -103,7 +104,7 @@ class AdapterPool:
     # ----- registry -----
 
     def register(self, name: str, source: AdapterSource | str | os.PathLike, *, replace: bool = False) -> None:
-        """Make `name` known. A path is not read until the adapter is first needed."""
+        """Make `name` known. A path (or a MergedSource's paths) is not read until the adapter is first needed."""
         _check_name(name)
         source = self._check_source(name, source)
         with self._lock:
@@ -254,9 +255,11 @@ class AdapterPool:
             return source
         if isinstance(source, (str, os.PathLike)):
             return pathlib.Path(source)
+        if isinstance(source, MergedSource):
+            return source
         raise ValueError(
             f"adapter {name!r} has source {type(source).__name__}; pass a pathlib.Path to an adapter "
-            "directory or an AdapterWeights"
+            "directory, a MergedSource or an AdapterWeights"
         )
 
     def _check_replaceable(self, name: str, replace: bool) -> None:
@@ -283,10 +286,12 @@ class AdapterPool:
             return False
         return self._slot_of(name, entry) is None
 
-    def _read(self, name: str, path: pathlib.Path) -> AdapterWeights:
-        """Read and validate one adapter from disk. Touches no pool state: call it without the lock."""
+    def _read(self, name: str, source: pathlib.Path | MergedSource) -> AdapterWeights:
+        """Read (and merge) one adapter from disk, validated. Touches no pool state: call it without the lock."""
         max_rank = max(self._capacity.max_rank(AdapterKind.LORA), self._capacity.max_rank(AdapterKind.FLORA))
-        weights = load_adapter(path, max_bytes=self._limits.max_adapter_bytes, max_rank=max_rank)
+        paths = source.paths if isinstance(source, MergedSource) else (source,)
+        read = [load_adapter(path, max_bytes=self._limits.max_adapter_bytes, max_rank=max_rank) for path in paths]
+        weights = merge_adapters(read, source.weights) if isinstance(source, MergedSource) else read[0]
         self._validate(name, weights)
         return weights
 

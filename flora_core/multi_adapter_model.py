@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from flora_core.adapter_batch import AdapterBatch, AdapterSlot
+from flora_core.adapter_merge import MergedSource
 from flora_core.adapter_pool import AdapterPool, PoolLimits
 from flora_core.adapter_weights import AdapterWeights
 from flora_core.multi_adapter_linear import SlotCapacity
@@ -54,8 +55,10 @@ class MultiAdapterModel:
     def device(self) -> torch.device:
         return self.model.device
 
-    def add_adapter(self, name: str, source: str | os.PathLike | AdapterWeights, *, replace: bool = False) -> None:
-        """Register an adapter by name: a directory (read lazily, on first use) or loaded weights."""
+    def add_adapter(self, name: str, source: str | os.PathLike | MergedSource | AdapterWeights, *,
+                    replace: bool = False) -> None:
+        """Register an adapter by name: a directory or a weighted merge of directories (read lazily, on first
+        use), or loaded weights."""
         self.pool.register(name, source, replace=replace)
 
     @contextmanager
