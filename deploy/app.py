@@ -24,6 +24,7 @@ from ray.serve.config import RequestRouterConfig
 from flora_core.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from router.catalog import AdapterCatalog
 from router.ingress import FloraIngress
+from router.protocol import AdapterMerge
 from router.replica import FloraReplica
 from router.settings import IngressSettings, ReplicaSettings
 
@@ -81,7 +82,10 @@ class AppArgs(BaseModel):
                                                   "replicas (max_replicas with autoscaling), which never leaves an "
                                                   "engine short of requests.")
     max_queued_requests: int = Field(512, description="Requests in flight per ingress before 503.")
-    enable_adapter_management: bool = Field(False, description="Enable POST /v1/adapters/load and /unload.")
+    merged_adapters: list[AdapterMerge] = Field([], description="Adapters served as weighted merges of adapter "
+                                                "folders, made at start: [{name, adapters, weights}] (as POST "
+                                                "/v1/adapters/merge). One that cannot be served stops the start.")
+    enable_adapter_management: bool = Field(False, description="Enable POST /v1/adapters/load, /merge and /unload.")
     management_token: Optional[str] = Field(None, description="Bearer token the management API requires.")
     management_token_env: Optional[str] = Field(None, description="Name of an environment variable holding the "
                                                 "management token (e.g. from a Kubernetes Secret), read where the app "
@@ -192,5 +196,5 @@ def build_app(args: dict) -> Application:
         ingress_settings,
         replica.bind(replica_settings),
         catalog.bind(ingress_settings.adapter_dir, replica_settings.model_path, replica_settings.capacity(),
-                     app_args.max_adapter_bytes),
+                     app_args.max_adapter_bytes, tuple((m.name, m.recipe()) for m in app_args.merged_adapters)),
     )

@@ -6,6 +6,11 @@ root (fully validated: safetensors only, sizes bounded, and checked against the 
 capacity and the base model's layer shapes) and unloads them; every load gives the adapter a
 version it never had before (an unload does not reset it), so replicas re-read the files
 instead of serving a stale copy.
+
+Merged adapters (flora_core.adapter_merge) are entries with a recipe: served adapter folders and
+their weights. Each replica merges the components' files itself, when a request first names the
+merge. Reloading a component re-merges (a new version) every merge built from it; unloading a
+component unloads them.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from flora_core.adapter_config import read_adapter_config
 from flora_core.adapter_io import load_adapter
+from flora_core.adapter_merge import merge_adapters
 from flora_core.adapter_pool import check_servable
-from flora_core.adapter_root import AdapterRoot
+from flora_core.adapter_root import NAME_PATTERN, AdapterRoot
+from flora_core.adapter_weights import AdapterWeights
 from flora_core.multi_adapter_linear import SlotCapacity
 from flora_core.patching import ALL_LINEAR, target_layer_shapes
-from router.messages import AdapterRef
+from router.messages import AdapterRef, Recipe
 
 logger = logging.getLogger("ray.serve")
 
@@ -34,10 +41,11 @@ class CatalogEntry:
     version: int
     kind: str  # "lora" | "flora" | "ia3"
     rank: int
+    merged_from: Recipe = ()  # a merge: (component name, weight) pairs; () for an adapter folder
 
     @property
     def ref(self) -> AdapterRef:
-        return AdapterRef(self.name, self.version)
+        return AdapterRef(self.name, self.version, self.merged_from)
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ class AdapterCatalog:
     """A one-replica deployment; see the module docstring."""
 
     def __init__(self, adapter_dir: Optional[str], model_path: str, capacity: SlotCapacity,
-                 max_adapter_bytes: Optional[int]) -> None:
+                 max_adapter_bytes: Optional[int], merges: tuple[tuple[str, Recipe], ...] = ()) -> None:
         self.root = AdapterRoot(adapter_dir) if adapter_dir else None
         self.capacity, self.max_adapter_bytes = capacity, max_adapter_bytes
         self.layer_shapes = _layer_shapes(model_path)
@@ -63,6 +71,10 @@ class AdapterCatalog:
                 self._last_version[name] = 1
             except ValueError as error:
                 logger.warning("adapter catalog: skipping %r: %s", name, error)
+        for name, recipe in merges:  # from the deploy config: a merge that cannot be served stops the start
+            refused = self.merge(name, recipe)
+            if isinstance(refused, str):
+                raise ValueError(f"merged_adapters: {refused}")
         self._generation = 1
         logger.info("adapter catalog: %d adapters under %s", len(self._entries), adapter_dir)
 
@@ -80,22 +92,77 @@ class AdapterCatalog:
             entry = self._describe(name, version=self._last_version.get(name, 0) + 1, validate=True)
         except ValueError as error:
             return self.root.relative(str(error))
-        self._entries[name] = entry
-        self._last_version[name] = entry.version
-        self._generation += 1
+        self._put(entry)
+        for merge in [e for e in self._entries.values() if name in dict(e.merged_from)]:
+            self._remerge(merge)
         return entry
 
-    def unload(self, name: str) -> bool:
-        removed = self._entries.pop(name, None) is not None
-        if removed:
+    def merge(self, name: str, recipe: Recipe) -> CatalogEntry | str:
+        """Serve `name` as the weighted merge of served adapter folders (recipe: (name, weight) pairs).
+
+        Returns the new entry, or the reason it was refused (a message naming the fix).
+        """
+        if self.root is None:
+            return "this application has no adapter_dir; set adapter_dir to merge adapters"
+        if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None or ".." in name:
+            return (f"name {name!r} is not valid: 1-128 characters of letters, digits, '.', '_' and '-', starting "
+                    "with a letter or digit, no '..'")
+        if name in self._entries:
+            return f"{name!r} is already served; unload it first or choose another name"
+        try:
+            entry = self._merged_entry(name, tuple(recipe), version=self._last_version.get(name, 0) + 1)
+        except ValueError as error:
+            return self.root.relative(str(error))
+        self._put(entry)
+        return entry
+
+    def unload(self, name: str) -> list[str]:
+        """Stop serving `name` and every merge built from it; the names removed, [] if it was not served."""
+        if self._entries.pop(name, None) is None:
+            return []
+        merges = sorted(e.name for e in self._entries.values() if name in dict(e.merged_from))
+        for merge in merges:
+            del self._entries[merge]
+        self._generation += 1
+        return [name, *merges]
+
+    def _put(self, entry: CatalogEntry) -> None:
+        self._entries[entry.name] = entry
+        self._last_version[entry.name] = entry.version
+        self._generation += 1
+
+    def _remerge(self, merge: CatalogEntry) -> None:
+        """A component changed: merge again under a new version, or stop serving a merge that no longer fits."""
+        try:
+            self._put(self._merged_entry(merge.name, merge.merged_from, version=merge.version + 1))
+        except ValueError as error:
+            del self._entries[merge.name]
             self._generation += 1
-        return removed
+            logger.warning("adapter catalog: unloaded the merge %r: %s", merge.name, self.root.relative(str(error)))
+
+    def _merged_entry(self, name: str, recipe: Recipe, version: int) -> CatalogEntry:
+        names = [component for component, _ in recipe]
+        for i, component in enumerate(names):
+            entry = self._entries.get(component)
+            if entry is None:
+                raise ValueError(f"adapters[{i}]={component!r} is not served; load it first (GET /v1/adapters)")
+            if entry.merged_from:
+                raise ValueError(f"adapters[{i}]={component!r} is itself a merge; merge its components instead")
+            if names.index(component) != i:
+                raise ValueError(f"adapters lists {component!r} twice; give it once, with the sum of its weights")
+        components = [self._load(component) for component in names]
+        merged = merge_adapters(components, [weight for _, weight in recipe])
+        check_servable(name, merged, self.capacity, self.layer_shapes, self.max_adapter_bytes)
+        return CatalogEntry(name, version, merged.kind.value, merged.rank, tuple(recipe))
+
+    def _load(self, name: str) -> AdapterWeights:
+        max_rank = max(self.capacity.lora_max_rank, self.capacity.flora_max_rank)
+        return load_adapter(self.root.resolve(name), max_bytes=self.max_adapter_bytes, max_rank=max_rank)
 
     def _describe(self, name: str, version: int, validate: bool) -> CatalogEntry:
         directory = self.root.resolve(name)
         if validate:
-            max_rank = max(self.capacity.lora_max_rank, self.capacity.flora_max_rank)
-            weights = load_adapter(directory, max_bytes=self.max_adapter_bytes, max_rank=max_rank)
+            weights = self._load(name)
             check_servable(name, weights, self.capacity, self.layer_shapes, self.max_adapter_bytes)
             return CatalogEntry(name, version, weights.kind.value, weights.rank)
         config = read_adapter_config(directory)

@@ -25,14 +25,14 @@ from transformers import AutoConfig, AutoTokenizer
 
 from flora_core.request_output import RequestOutput
 from router import openai_format as fmt
-from router.catalog import CatalogSnapshot
+from router.catalog import CatalogEntry, CatalogSnapshot
 from router.errors import ApiError, bad_request, error_for_exception, error_for_status, overloaded, unknown_model
 from router.handle_api import GenerateChunk, GenerateRequest, GenerateResponse, GenerateUsage
 from router.messages import AdapterRef, ReplicaRequest
 from router.metrics import CLIENT_CLOSED, UNKNOWN_ADAPTER, IngressMetrics
-from router.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                             ChatDelta, ChatMessageOut, ChatStreamChoice, CompletionRequest, CompletionResponse,
-                             LoadAdapterRequest, ModelCard, ModelList)
+from router.protocol import (AdapterMerge, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+                             ChatCompletionResponse, ChatDelta, ChatMessageOut, ChatStreamChoice, CompletionRequest,
+                             CompletionResponse, LoadAdapterRequest, ModelCard, ModelList)
 from router.settings import IngressSettings
 
 logger = logging.getLogger("ray.serve")
@@ -74,6 +74,20 @@ def _logprob_dicts(items) -> Optional[list]:
         return None
     return [None if t is None else {"token_id": t.token_id, "logprob": t.logprob, "top": [list(x) for x in t.top]}
             for t in items]
+
+
+def _entry_dict(entry: CatalogEntry) -> dict:
+    """A catalog entry as GET /v1/adapters lists it; a merge names its components and weights."""
+    return {**vars(entry), "merged_from": [{"adapter": name, "weight": weight} for name, weight in entry.merged_from]}
+
+
+def _merge_param(message: str) -> str:
+    """The field a refused merge's message is about."""
+    if message.startswith("weights"):
+        return "weights"
+    if message.startswith("name ") or "already served" in message:
+        return "name"
+    return "adapters"
 
 
 @serve.ingress(app)
@@ -178,7 +192,8 @@ class FloraIngress:
     @app.get("/v1/adapters")
     async def list_adapters(self) -> dict:
         snapshot = await self._snapshot(refresh=True)
-        return {"object": "list", "data": [vars(e) for e in sorted(snapshot.entries.values(), key=lambda e: e.name)]}
+        return {"object": "list", "data": [_entry_dict(e) for e in sorted(snapshot.entries.values(),
+                                                                         key=lambda e: e.name)]}
 
     @app.post("/v1/adapters/load")
     async def load_adapter(self, body: LoadAdapterRequest, request: Request) -> dict:
@@ -187,15 +202,25 @@ class FloraIngress:
         if isinstance(result, str):
             raise bad_request(result, "name")
         await self._snapshot(refresh=True)
-        return {"loaded": vars(result)}
+        return {"loaded": _entry_dict(result)}
+
+    @app.post("/v1/adapters/merge")
+    async def merge_adapters(self, body: AdapterMerge, request: Request) -> dict:
+        self._check_management(request)
+        result = await self.catalog.merge.remote(body.name, body.recipe())
+        if isinstance(result, str):
+            raise bad_request(result, _merge_param(result))
+        await self._snapshot(refresh=True)
+        return {"merged": _entry_dict(result)}
 
     @app.post("/v1/adapters/unload")
     async def unload_adapter(self, body: LoadAdapterRequest, request: Request) -> dict:
         self._check_management(request)
-        if not await self.catalog.unload.remote(body.name):
+        removed = await self.catalog.unload.remote(body.name)
+        if not removed:
             raise unknown_model(body.name, "It is not loaded; GET /v1/adapters lists what is.")
         await self._snapshot(refresh=True)
-        return {"unloaded": body.name}
+        return {"unloaded": body.name, "merges_unloaded": removed[1:]}
 
     # ------------------------------------------------------------------ Python handle API
 

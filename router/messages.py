@@ -13,12 +13,17 @@ from flora_core.request_output import RequestOutput
 from flora_core.sampling_params import SamplingParams
 
 
+Recipe = tuple[tuple[str, float], ...]  # a merged adapter's (component adapter name, weight) pairs
+
+
 @dataclass(frozen=True)
 class AdapterRef:
-    """An adapter as the catalog knows it: its name and version (bumped by every load)."""
+    """An adapter as the catalog knows it: its name, version (bumped by every load) and, for a
+    merge of adapters, its recipe (empty for an adapter folder)."""
 
     name: str
     version: int
+    merged_from: Recipe = ()
 
     @property
     def key(self) -> str:

@@ -12,6 +12,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flora_core.adapter_merge import MAX_MERGE_COMPONENTS
+
 MAX_LOGPROBS = 20
 
 
@@ -265,3 +267,25 @@ class ModelList(BaseModel):
 class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="The adapter's folder name under the configured adapter root.")
+
+
+class AdapterMerge(BaseModel):
+    """A merged adapter: POST /v1/adapters/merge, or an entry of the deploy config's merged_adapters."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="The merged adapter's name: what requests pass as model.")
+    adapters: list[str] = Field(min_length=1, max_length=MAX_MERGE_COMPONENTS,
+                                description="Served adapter folders to merge, all of one kind (LoRA, FLoRA or IA3).")
+    weights: list[float] = Field(description="One weight per adapter, negative ones subtract. LoRA: delta W = "
+                                 "sum w_k delta W_k (PEFT's add_weighted_adapter, 'cat'); FLoRA and IA3: "
+                                 "mask = sum w_k mask_k (PEFT's IA3 merge).")
+
+    @model_validator(mode="after")
+    def _one_weight_each(self) -> "AdapterMerge":
+        if len(self.weights) != len(self.adapters):
+            raise ValueError(f"weights has {len(self.weights)} entries for {len(self.adapters)} adapters; "
+                             "pass one weight each")
+        return self
+
+    def recipe(self) -> tuple[tuple[str, float], ...]:
+        return tuple(zip(self.adapters, self.weights))

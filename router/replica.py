@@ -3,7 +3,8 @@
 The router sends it whole batches (`generate_batch`): every request of a batch is admitted into
 the engine at once, so requests for different adapters prefill and decode together, each row
 with its own adapter. Adapters are read lazily from the adapter root the first time a request
-names them, under their catalog version, so a reloaded adapter never reuses stale weights.
+names them, under their catalog version, so a reloaded adapter never reuses stale weights; a
+merged adapter is merged from its components' folders then, on the pool's loader thread.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from ray import serve
 from transformers import AutoTokenizer
 
+from flora_core.adapter_merge import MergedSource
 from flora_core.adapter_pool import PoolExhaustedError, UnknownAdapterError
 from flora_core.adapter_root import AdapterRoot
 from flora_core.async_engine import AsyncEngine
@@ -117,7 +119,7 @@ class FloraReplica:
         if not pool.is_registered(ref.key):
             if self.root is None:
                 raise UnknownAdapterError(ref.name)
-            pool.register(ref.key, self.root.resolve(ref.name))
+            pool.register(ref.key, self._source(ref))
         newest = self._versions.get(ref.name)
         if newest is None or ref.version > newest:
             self._versions[ref.name] = ref.version
@@ -128,6 +130,13 @@ class FloraReplica:
         self._users[ref.key] += 1
         self._drop_unused_stale()
         return ref.key
+
+    def _source(self, ref: AdapterRef):
+        """Where the pool reads ref from: its folder, or its components' folders and weights for a merge."""
+        if not ref.merged_from:
+            return self.root.resolve(ref.name)
+        return MergedSource(tuple(self.root.resolve(name) for name, _ in ref.merged_from),
+                            tuple(weight for _, weight in ref.merged_from))
 
     def _release(self, key: str) -> None:
         self._users[key] -= 1

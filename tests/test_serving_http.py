@@ -28,6 +28,7 @@ from tests.serving_fixtures import (
 
 BASE_URL = "http://127.0.0.1:8000"
 TOKEN = {"Authorization": "Bearer test-token"}
+CONFIG_MERGE = {"name": "mix-lora", "adapters": ["lora-r2", "lora-r4"], "weights": [0.8, -0.5]}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def adapter_root(tmp_path_factory):
 def app(adapter_root):
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-    serve.run(build_app(app_args(adapter_root)), name="flora", route_prefix="/")
+    serve.run(build_app(app_args(adapter_root, merged_adapters=[CONFIG_MERGE])), name="flora", route_prefix="/")
     serve.run(build_app(app_args(adapter_root, max_queued_requests=1)), name="small", route_prefix="/small")
     serve.run(build_app(app_args(adapter_root, stream_interval_ms=1000)), name="merged", route_prefix="/merged")
     yield BASE_URL
@@ -411,6 +412,76 @@ def test_a_peft_dora_adapter_answers_as_peft_generates(app, adapter_root):
     expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert served["choices"][0]["text"] == expected and expected != base["choices"][0]["text"]
     assert httpx.post(f"{app}/v1/adapters/unload", json={"name": "peft-dora"}, headers=TOKEN,
+                      timeout=30).status_code == 200
+
+
+def merged_greedy_text(adapter_root, recipe: dict, prompt: str, max_tokens: int) -> str:
+    """The reference: the components merged by weight, merged into the model's weights, generate() alone."""
+    from flora_core import load_adapter, merge_adapters
+    from tests.reference import merge_adapter
+
+    adapter = merge_adapters([load_adapter(adapter_root / name) for name in recipe["adapters"]], recipe["weights"])
+    model = merge_adapter(merged_model(adapter_root, None), adapter)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_merged_adapters_are_served_in_mixed_batches(app, adapter_root):
+    """One merge from the deploy config, one made at runtime; both in one batch with their components."""
+    runtime = {"name": "mix-flora", "adapters": ["flora-r1", "flora-r2"], "weights": [2.0, -1.0]}
+    assert httpx.post(f"{app}/v1/adapters/merge", json=runtime, timeout=30).status_code == 401
+    made = httpx.post(f"{app}/v1/adapters/merge", json=runtime, headers=TOKEN, timeout=60)
+    assert made.status_code == 200, made.text
+    assert made.json()["merged"] | {"version": 0} == {"name": "mix-flora", "version": 0, "kind": "flora", "rank": 3,
+                                                     "merged_from": [{"adapter": "flora-r1", "weight": 2.0},
+                                                                     {"adapter": "flora-r2", "weight": -1.0}]}
+    requests = [("mix-lora", "hello=", 12), ("lora-r2", "hello=", 12), ("mix-flora", "world=", 12),
+                ("flora-r1", "world=", 12), ("mix-lora", "zebra=", 10), ("mix-flora", "abcde=", 10)]
+
+    async def scenario(client):
+        return await asyncio.gather(*(client.completions.create(model=m, prompt=p, max_tokens=n, temperature=0)
+                                      for m, p, n in requests))
+
+    replies = [r.choices[0].text for r in with_client(scenario)]
+    recipes = {"mix-lora": CONFIG_MERGE, "mix-flora": runtime}
+    for (model, prompt, max_tokens), text in zip(requests, replies):
+        expected = (merged_greedy_text(adapter_root, recipes[model], prompt, max_tokens) if model in recipes
+                    else engine_alone_texts(adapter_root, [(model, prompt, max_tokens)])[0])
+        assert text == expected, (model, prompt)
+    assert replies[0] != replies[1] and replies[2] != replies[3]  # each merge differs from its component
+    listed = {e["name"]: e for e in httpx.get(f"{app}/v1/adapters", timeout=30).json()["data"]}
+    assert listed["mix-lora"]["merged_from"][1] == {"adapter": "lora-r4", "weight": -0.5}
+    assert listed["lora-r2"]["merged_from"] == []
+
+    version = listed["mix-lora"]["version"]  # reloading a component re-merges under a new version
+    assert httpx.post(f"{app}/v1/adapters/load", json={"name": "lora-r2"}, headers=TOKEN, timeout=60).status_code == 200
+    listed = {e["name"]: e for e in httpx.get(f"{app}/v1/adapters", timeout=30).json()["data"]}
+    assert listed["mix-lora"]["version"] == version + 1
+    unloaded = httpx.post(f"{app}/v1/adapters/unload", json={"name": "flora-r1"}, headers=TOKEN, timeout=30)
+    assert unloaded.json() == {"unloaded": "flora-r1", "merges_unloaded": ["mix-flora"]}
+    gone = httpx.post(f"{app}/v1/completions", json={"model": "mix-flora", "prompt": "x", "max_tokens": 2}, timeout=30)
+    assert gone.status_code == 404
+    assert httpx.post(f"{app}/v1/adapters/load", json={"name": "flora-r1"}, headers=TOKEN, timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"name": "m", "adapters": ["lora-r2", "flora-r1"], "weights": [1, 1]}, "adapters", "mix kinds"),
+    ({"name": "m", "adapters": ["lora-r8", "lora-r4"], "weights": [1, 1]}, "adapters", "raise lora_max_rank"),
+    ({"name": "m", "adapters": ["nope"], "weights": [1]}, "adapters", "is not served; load it first"),
+    ({"name": "m", "adapters": ["mix-lora"], "weights": [1]}, "adapters", "is itself a merge"),
+    ({"name": "lora-r8", "adapters": ["lora-r2"], "weights": [1]}, "name", "already served"),
+    ({"name": "../m", "adapters": ["lora-r2"], "weights": [1]}, "name", "is not valid"),
+    ({"name": "m", "adapters": ["lora-r2", "lora-r4"], "weights": [1]}, None, "weights has 1 entries for 2"),
+])
+def test_bad_merges_get_400_naming_the_field(app, body, param, message):
+    refused = httpx.post(f"{app}/v1/adapters/merge", json=body, headers=TOKEN, timeout=60)
+    assert refused.status_code == 400 and message in refused.json()["error"]["message"], refused.text
+    assert refused.json()["error"]["param"] == param
+    assert httpx.post(f"{app}/v1/completions", json={"model": "mix-lora", "prompt": "hello=", "max_tokens": 3},
                       timeout=30).status_code == 200
 
 

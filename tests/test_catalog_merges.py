@@ -1,0 +1,80 @@
+"""The adapter catalog's merged adapters, without a cluster: versions, cascades and refusals.
+
+What the replicas serve for a merge is checked over HTTP in test_serving_http.py.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+from deploy.app import AppArgs, resolve
+from router.catalog import AdapterCatalog
+from tests.serving_fixtures import app_args, write_test_adapters
+
+
+@pytest.fixture
+def adapter_root(tmp_path):
+    write_test_adapters(tmp_path, names=["lora-r2", "lora-r4", "lora-r8", "flora-r1", "flora-r2"])
+    return tmp_path
+
+
+def make_catalog(adapter_root, merges=()) -> AdapterCatalog:
+    replica, _ = resolve(AppArgs.model_validate(app_args(adapter_root)))
+    return AdapterCatalog(str(adapter_root), replica.model_path, replica.capacity(), None, merges)
+
+
+def test_config_merges_are_served_from_the_start(adapter_root):
+    catalog = make_catalog(adapter_root, merges=(("mix", (("lora-r2", 0.5), ("lora-r4", 0.5))),))
+    entry = catalog.snapshot().entries["mix"]
+    assert (entry.kind, entry.rank, entry.version) == ("lora", 6, 1)
+    assert entry.ref.merged_from == (("lora-r2", 0.5), ("lora-r4", 0.5))
+
+
+def test_a_config_merge_that_cannot_be_served_stops_the_start_with_the_fix(adapter_root):
+    with pytest.raises(ValueError, match="merged_adapters: .*rank 12.* raise lora_max_rank"):
+        make_catalog(adapter_root, merges=(("big", (("lora-r8", 1.0), ("lora-r4", 1.0))),))
+
+
+def test_reloading_a_component_remerges_under_a_new_version(adapter_root):
+    catalog = make_catalog(adapter_root)
+    first = catalog.merge("mix", (("flora-r1", 1.0), ("flora-r2", 0.5)))
+    catalog.load("flora-r2")
+    again = catalog.snapshot().entries["mix"]
+    assert again.version == first.version + 1 and again.merged_from == first.merged_from
+
+
+def test_a_merge_that_no_longer_fits_after_a_reload_is_unloaded(adapter_root):
+    catalog = make_catalog(adapter_root)
+    assert not isinstance(catalog.merge("mix", (("lora-r2", 1.0), ("lora-r4", 1.0))), str)
+    shutil.rmtree(adapter_root / "lora-r4")
+    shutil.copytree(adapter_root / "lora-r8", adapter_root / "lora-r4")  # now rank 8: 2 + 8 > 8
+    assert not isinstance(catalog.load("lora-r4"), str)
+    assert "mix" not in catalog.snapshot().entries
+
+
+def test_unloading_a_component_unloads_its_merges_only(adapter_root):
+    catalog = make_catalog(adapter_root)
+    catalog.merge("a", (("lora-r2", 1.0),))
+    catalog.merge("b", (("lora-r2", 1.0), ("lora-r4", -1.0)))
+    catalog.merge("c", (("lora-r4", 1.0),))
+    assert catalog.unload("lora-r2") == ["lora-r2", "a", "b"]
+    assert set(catalog.snapshot().entries) >= {"c", "lora-r4"}
+    assert catalog.unload("lora-r2") == []
+
+
+@pytest.mark.parametrize("name, recipe, message", [
+    ("m", (("lora-r2", 1.0), ("lora-r2", 1.0)), "lists 'lora-r2' twice"),
+    ("m", (("lora-r2", 1.0), ("flora-r1", 1.0)), "mix kinds"),
+    ("m", (("lora-r2", float("inf")),), r"weights\[0\]=inf"),
+    ("lora-r4", (("lora-r2", 1.0),), "already served"),
+    ("a/b", (("lora-r2", 1.0),), "is not valid"),
+])
+def test_refused_merges_say_why_and_change_nothing(adapter_root, name, recipe, message):
+    catalog = make_catalog(adapter_root)
+    before = catalog.snapshot()
+    refusal = catalog.merge(name, recipe)
+    assert isinstance(refusal, str) and re.search(message, refusal), refusal
+    assert catalog.snapshot() == before
