@@ -32,7 +32,8 @@ from router.messages import AdapterRef, ReplicaRequest
 from router.metrics import CLIENT_CLOSED, UNKNOWN_ADAPTER, IngressMetrics
 from router.protocol import (AdapterMerge, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                              ChatCompletionResponse, ChatDelta, ChatMessageOut, ChatStreamChoice, CompletionRequest,
-                             CompletionResponse, LoadAdapterRequest, ModelCard, ModelList)
+                             CompletionResponse, DetokenizeRequest, DetokenizeResponse, LoadAdapterRequest, ModelCard,
+                             ModelList, TokenizeRequest, TokenizeResponse)
 from router.settings import IngressSettings
 
 logger = logging.getLogger("ray.serve")
@@ -176,7 +177,7 @@ class FloraIngress:
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         adapter = await self._adapter_ref(body.model)
-        ids = fmt.chat_prompt_ids(self.tokenizer, body, self.max_prompt_chars)
+        ids = fmt.chat_prompt_ids(self.tokenizer, body.messages, self.max_prompt_chars)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         jobs = [self._job(ids, fmt.sampling_params(body, len(ids), self.settings.max_model_len,
                                                    self.settings.default_max_tokens, logprobs, i), adapter)
@@ -188,6 +189,22 @@ class FloraIngress:
                               logprobs=fmt.chat_logprobs(self.tokenizer, o.logprobs or ()) if body.logprobs else None,
                               finish_reason=fmt._finish(o)) for i, o in enumerate(outputs)]
         return ChatCompletionResponse(model=body.model, choices=choices, usage=fmt.usage_of(outputs, [len(ids)]))
+
+    @app.post("/tokenize")
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        await self._adapter_ref(body.model)  # 404 for a name nobody serves, as the other routes
+        if body.messages is not None:
+            ids = fmt.chat_prompt_ids(self.tokenizer, body.messages, self.max_prompt_chars)
+        else:
+            ids = fmt.text_prompt_ids(self.tokenizer, body.prompt, self.max_prompt_chars, body.add_special_tokens)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.settings.max_model_len, tokens=ids, token_strs=strs)
+
+    @app.post("/detokenize")
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        await self._adapter_ref(body.model)
+        fmt.check_token_ids(body.tokens, self.vocab_size, "tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
 
     @app.get("/v1/adapters")
     async def list_adapters(self) -> dict:

@@ -15,6 +15,7 @@ from router.errors import ApiError, bad_request, bad_value
 from router.protocol import (
     ChatCompletionRequest,
     ChatLogprobs,
+    ChatMessage,
     ChatTokenLogprob,
     CompletionChoice,
     CompletionLogprobs,
@@ -44,26 +45,35 @@ def tokenize_prompt(tokenizer, prompt: Union[str, Sequence[int]], vocab_size: in
     if isinstance(prompt, str):
         if not prompt:
             raise bad_request("prompt is empty; send at least one character or token id", "prompt")
-        _check_prompt_chars(len(prompt), max_chars, "prompt")
-        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        return text_prompt_ids(tokenizer, prompt, max_chars, add_special_tokens=True)
     ids = list(prompt)
     if not ids:
         raise bad_request("prompt is an empty token list; send at least one token id", "prompt")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise bad_request(f"prompt has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}", "prompt")
+    check_token_ids(ids, vocab_size, "prompt")
     return ids
 
 
-def chat_prompt_ids(tokenizer, request: ChatCompletionRequest, max_chars: int) -> list[int]:
+def chat_prompt_ids(tokenizer, messages: Sequence[ChatMessage], max_chars: int) -> list[int]:
     """The chat template applied to the messages, ready for generation; 400 if the model has none."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request("this model's tokenizer has no chat template; use /v1/completions instead", "messages")
-    _check_prompt_chars(sum(len(m.content) for m in request.messages), max_chars, "messages")
-    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    _check_prompt_chars(sum(len(m.content) for m in messages), max_chars, "messages")
+    messages = [{"role": m.role, "content": m.content} for m in messages]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     return list(ids)
+
+
+def text_prompt_ids(tokenizer, prompt: str, max_chars: int, add_special_tokens: bool) -> list[int]:
+    """Token ids of a text prompt for /tokenize; 400 if it is too long to tokenize."""
+    _check_prompt_chars(len(prompt), max_chars, "prompt")
+    return list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise bad_request(f"{param} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}", param)
 
 
 def sampling_params(body: SamplingFields, prompt_len: int, max_model_len: int, default_max_tokens: int,

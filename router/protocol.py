@@ -264,6 +264,45 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's): the ids a completion or chat request with this prompt would run on."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="The base model or an adapter: all share one tokenizer.")
+    prompt: Optional[str] = Field(None, description="Text, tokenized as /v1/completions does.")
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1, description="Chat messages, through the chat "
+                                                  "template with the generation prompt, as /v1/chat/completions does.")
+    add_special_tokens: bool = Field(True, description="With prompt: add the tokenizer's special tokens (BOS).")
+    return_token_strs: bool = Field(False, description="Also return each token as its vocabulary string.")
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("pass exactly one of prompt and messages")
+        if self.messages is not None and not self.add_special_tokens:
+            raise ValueError("add_special_tokens applies to prompt only; the chat template places special tokens")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: Optional[list[str]] = None
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="The base model or an adapter: all share one tokenizer.")
+    tokens: list[int] = Field(max_length=1 << 20, description="Token ids, each in [0, vocab size).")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="The adapter's folder name under the configured adapter root.")

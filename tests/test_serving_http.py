@@ -23,7 +23,7 @@ from flora_core.structured_output import StructuredOutput
 from router.handle_api import GenerateRequest
 from tests.reference import grammar_greedy, penalized_greedy
 from tests.serving_fixtures import (
-    PROMPTS, TEST_ADAPTERS, app_args, engine_alone_texts, merged_logprobs, merged_model, write_test_adapters,
+    MAX_MODEL_LEN, PROMPTS, TEST_ADAPTERS, app_args, engine_alone_texts, merged_logprobs, merged_model, write_test_adapters,
 )
 
 BASE_URL = "http://127.0.0.1:8000"
@@ -483,6 +483,38 @@ def test_bad_merges_get_400_naming_the_field(app, body, param, message):
     assert refused.json()["error"]["param"] == param
     assert httpx.post(f"{app}/v1/completions", json={"model": "mix-lora", "prompt": "hello=", "max_tokens": 3},
                       timeout=30).status_code == 200
+
+
+def test_tokenize_and_detokenize_give_the_ids_requests_run_on(app):
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    told = httpx.post(f"{app}/tokenize", json={"model": "lora-r8", "prompt": "hello=", "return_token_strs": True},
+                      timeout=30).json()
+    ids = tokenizer("hello=")["input_ids"]
+    assert told == {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids,
+                    "token_strs": tokenizer.convert_ids_to_tokens(ids)}
+    plain = httpx.post(f"{app}/tokenize", json={"model": DEFAULT_MODEL_NAME, "prompt": "hello=",
+                                                "add_special_tokens": False}, timeout=30).json()
+    assert plain["tokens"] == tokenizer("hello=", add_special_tokens=False)["input_ids"] != ids
+    back = httpx.post(f"{app}/detokenize", json={"model": "flora-r2", "tokens": plain["tokens"]}, timeout=30).json()
+    assert back == {"prompt": "hello="}
+
+    messages = [{"role": "user", "content": "flora"}]
+    chat_ids = httpx.post(f"{app}/tokenize", json={"model": "lora-r8", "messages": messages}, timeout=30).json()
+    chat = httpx.post(f"{app}/v1/chat/completions", json={"model": "lora-r8", "messages": messages, "max_tokens": 2},
+                      timeout=60).json()
+    assert chat_ids["count"] == chat["usage"]["prompt_tokens"]
+    assert chat_ids["tokens"] == list(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                    tokenize=True, return_dict=True)["input_ids"])
+
+    for route, body, status, param in [
+        ("tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+        ("tokenize", {"model": "lora-r8", "prompt": "x", "messages": messages}, 400, None),
+        ("tokenize", {"model": "lora-r8", "prompt": "x" * 10**6}, 400, "prompt"),
+        ("detokenize", {"model": "lora-r8", "tokens": [5, 10**9]}, 400, "tokens"),
+    ]:
+        refused = httpx.post(f"{app}/{route}", json=body, timeout=30)
+        assert refused.status_code == status and refused.json()["error"]["param"] == param, refused.text
+    assert httpx.post(f"{app}/tokenize", json={"model": "lora-r8", "prompt": "ok"}, timeout=30).status_code == 200
 
 
 def test_python_handle_api(app, adapter_root):
