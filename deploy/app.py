@@ -174,10 +174,18 @@ def router_config(args: AppArgs) -> RequestRouterConfig:
         request_routing_stats_period_s=1, request_routing_stats_timeout_s=5)
 
 
+def config_merges(args: AppArgs) -> tuple:
+    """The deploy config's merged adapters as the catalog takes them: (name, ((adapter, weight), ...))."""
+    return tuple((merge.name, merge.recipe()) for merge in args.merged_adapters)
+
+
 def build_app(args: dict) -> Application:
     """Build the flora-serve application from `args` (validated as AppArgs)."""
     app_args = AppArgs.model_validate(args or {})
     replica_settings, ingress_settings = resolve(app_args)
+    if app_args.merged_adapters:  # a merge that cannot be served fails the build, not (retried) catalog starts
+        AdapterCatalog(ingress_settings.adapter_dir, replica_settings.model_path, replica_settings.capacity(),
+                       app_args.max_adapter_bytes, config_merges(app_args))
     scaling = ({"autoscaling_config": app_args.autoscaling_config or DEFAULT_AUTOSCALING}
                if app_args.num_replicas == "auto" else {"num_replicas": app_args.num_replicas})
     replica = serve.deployment(FloraReplica, name="FloraReplica").options(
@@ -196,5 +204,5 @@ def build_app(args: dict) -> Application:
         ingress_settings,
         replica.bind(replica_settings),
         catalog.bind(ingress_settings.adapter_dir, replica_settings.model_path, replica_settings.capacity(),
-                     app_args.max_adapter_bytes, tuple((m.name, m.recipe()) for m in app_args.merged_adapters)),
+                     app_args.max_adapter_bytes, config_merges(app_args)),
     )

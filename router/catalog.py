@@ -145,7 +145,8 @@ class AdapterCatalog:
         for i, component in enumerate(names):
             entry = self._entries.get(component)
             if entry is None:
-                raise ValueError(f"adapters[{i}]={component!r} is not served; load it first (GET /v1/adapters)")
+                raise ValueError(f"adapters[{i}]={component!r} is not served; load it first, or add its folder under "
+                                 "adapter_dir (GET /v1/adapters lists what is served)")
             if entry.merged_from:
                 raise ValueError(f"adapters[{i}]={component!r} is itself a merge; merge its components instead")
             if names.index(component) != i:

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from deploy.app import AppArgs, resolve
+from deploy.app import AppArgs, build_app, resolve
 from router.catalog import AdapterCatalog
 from tests.serving_fixtures import app_args, write_test_adapters
 
@@ -36,6 +36,12 @@ def test_config_merges_are_served_from_the_start(adapter_root):
 def test_a_config_merge_that_cannot_be_served_stops_the_start_with_the_fix(adapter_root):
     with pytest.raises(ValueError, match="merged_adapters: .*rank 12.* raise lora_max_rank"):
         make_catalog(adapter_root, merges=(("big", (("lora-r8", 1.0), ("lora-r4", 1.0))),))
+
+
+def test_building_the_app_fails_on_a_config_merge_that_cannot_be_served(adapter_root):
+    merge = {"name": "m", "adapters": ["lora-r2", "nope"], "weights": [1, 1]}
+    with pytest.raises(ValueError, match=r"merged_adapters: adapters\[1\]='nope' is not served; load it first, or add"):
+        build_app(app_args(adapter_root, merged_adapters=[merge]))
 
 
 def test_reloading_a_component_remerges_under_a_new_version(adapter_root):
