@@ -354,7 +354,7 @@ class Engine:
         params = [state.params for state in states]
         token_bias = TokenBiasBatch.from_rows(params, [state.stop_ids for state in states],
                                               [len(state.output_ids) for state in states], logits.device)
-        penalties = PenaltyBatch.from_rows(params, [state.prompt_ids for state in states],
+        penalties = PenaltyBatch.from_rows(params, [state.prompt_tensor for state in states],
                                            [state.output_ids for state in states], logits.shape[1], logits.device)
         batch = SamplingBatch.from_params(params, [state.generator for state in states], logits.device, token_bias,
                                           penalties)

@@ -26,8 +26,8 @@ class PenaltyBatch:
     The work is proportional to the penalized rows' histories, not to rows x vocabulary.
     """
 
-    seen_rows: torch.Tensor  # [N] long: distinct (row, token) pairs of prompt and output, rows with repetition
-    seen_tokens: torch.Tensor  # [N] long
+    seen_rows: torch.Tensor  # [N] long: (row, token) pairs of prompt and output, rows with repetition; a pair
+    seen_tokens: torch.Tensor  # [N] long   may repeat (every copy writes the same value, so none is removed)
     repetition: torch.Tensor  # [N] float32: the row's repetition penalty
     output_rows: torch.Tensor  # [M] long: distinct (row, token) pairs of the output, rows with frequency/presence
     output_tokens: torch.Tensor  # [M] long
@@ -37,22 +37,25 @@ class PenaltyBatch:
     @staticmethod
     def from_rows(
         params: Sequence[SamplingParams],
-        prompts: Sequence[Sequence[int]],
+        prompts: Sequence[Sequence[int] | torch.Tensor],
         outputs: Sequence[Sequence[int]],
         vocab_size: int,
         device: torch.device,
     ) -> "PenaltyBatch | None":
         """The batch's penalties, or None when no row has one (nothing to apply).
 
-        params, prompts, outputs: one entry per row; ids < vocab_size. Only the histories of
+        params, prompts, outputs: one entry per row; ids < vocab_size. A prompt given as a [P] long
+        CPU tensor (RequestState.prompt_tensor, made once) is not copied again. Only the histories of
         penalized rows are read.
         """
         if not any(p.penalized for p in params):
             return None
-        repeated = [(*prompt, *out) if p.repetition_penalty != 1 else ()
-                    for p, prompt, out in zip(params, prompts, outputs)]
+        none = torch.empty(0, dtype=torch.long)
+        repeated = [torch.cat((torch.as_tensor(prompt, dtype=torch.long), torch.tensor(out, dtype=torch.long)))
+                    if p.repetition_penalty != 1 else none for p, prompt, out in zip(params, prompts, outputs)]
         counted = [out if p.frequency_penalty or p.presence_penalty else () for p, out in zip(params, outputs)]
-        seen_rows, seen_tokens, _ = token_pairs(repeated, vocab_size)
+        seen_rows = torch.repeat_interleave(torch.arange(len(repeated)), torch.tensor([h.numel() for h in repeated]))
+        seen_tokens = torch.cat(repeated)
         output_rows, output_tokens, counts = token_pairs(counted, vocab_size)
         repetition, frequency, presence = (
             torch.tensor([getattr(p, name) for p in params], dtype=torch.float32)

@@ -11,6 +11,7 @@ The end-of-generation rules, as OpenAI's completions:
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Collection
 
@@ -59,6 +60,11 @@ class RequestState:
         self.arrival = time.perf_counter()
         self.admitted_at: float | None = None
         self._token_times: list[float] = []
+
+    @functools.cached_property
+    def prompt_tensor(self) -> torch.Tensor:
+        """[P] long, CPU: the prompt's ids, made once (the repetition penalty reads them every step)."""
+        return torch.tensor(self.prompt_ids, dtype=torch.long)
 
     @property
     def finished(self) -> bool:
