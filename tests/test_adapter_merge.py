@@ -91,6 +91,30 @@ def test_lora_merge_equals_peft_cat_in_a_mixed_batch(arch, tmp_path):
     _assert_close(reloaded.logits, expected, "our saved merge loaded by PEFT")
 
 
+def test_rslora_merge_equals_peft_with_both_adapters_active(tmp_path):
+    """rsLoRA: PEFT's own cat merge keeps use_rslora with lora_alpha = r, so it scales the merge by
+    sqrt(sum r) (peft 0.21); the exact sum of deltas is PEFT running both adapters at once."""
+    base = with_random_biases(tiny_llama())
+    configs = [LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"],
+                          init_lora_weights=False),
+               LoraConfig(r=2, lora_alpha=2, use_rslora=True, target_modules=["v_proj", "down_proj"],
+                          init_lora_weights=False)]
+    directories = [tmp_path / f"c{i}" for i in range(2)]
+    for seed, (config, directory) in enumerate(zip(configs, directories)):
+        save_peft_adapter(base, config, directory, seed)
+    ours = MultiAdapterModel(copy.deepcopy(base), capacity=CAPACITY)
+    ours.add_adapter("merged", MergedSource(tuple(directories), (1.0, 1.0)))
+    input_ids = _input_ids(3)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), directories[0], adapter_name="c0")
+    peft_model.load_adapter(directories[1], adapter_name="c1")
+    peft_model.base_model.set_adapter(["c0", "c1"])
+    with torch.no_grad():
+        logits = ours(input_ids, adapter_names=["merged", None, "merged"]).logits
+        expected = peft_model.eval()(input_ids=input_ids[[0, 2]]).logits
+    _assert_close(logits[[0, 2]], expected, "an rsLoRA merge against both adapters active in PEFT")
+    _assert_changes(logits[[0, 2]], base(input_ids=input_ids[[0, 2]]).logits, "the merge against the base")
+
+
 def test_ia3_merge_equals_peft_weighted_sum(tmp_path):
     base = with_random_biases(tiny_llama())
     configs = [IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
