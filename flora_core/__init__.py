@@ -23,9 +23,9 @@ from flora_core.sampling_params import SamplingParams
 from flora_core.structured_output import StructuredOutput
 
 __all__ = [
-    "AdapterBatch", "AdapterSlot", "load_adapter", "save_adapter", "MergedSource", "merge_adapters", "AdapterPool", "PoolExhaustedError",
-    "PoolLimits", "UnknownAdapterError", "AdapterKind", "AdapterWeights", "FloraModule", "Ia3Module",
-    "LoraModule", "MultiAdapterLinear", "SlotCapacity", "MultiAdapterModel", "adapter_batch_scope", "patch_model",
-    "AsyncEngine", "Engine", "EngineConfig", "EngineStats", "RequestOutput", "SamplingParams",
+    "AdapterBatch", "AdapterSlot", "load_adapter", "save_adapter", "MergedSource", "merge_adapters", "AdapterPool",
+    "PoolExhaustedError", "PoolLimits", "UnknownAdapterError", "AdapterKind", "AdapterWeights", "FloraModule",
+    "Ia3Module", "LoraModule", "MultiAdapterLinear", "SlotCapacity", "MultiAdapterModel", "adapter_batch_scope",
+    "patch_model", "AsyncEngine", "Engine", "EngineConfig", "EngineStats", "RequestOutput", "SamplingParams",
     "StructuredOutput",
 ]

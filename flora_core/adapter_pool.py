@@ -2,9 +2,10 @@
 
 Three tiers: a host registry of every known adapter (name -> a directory on disk, a weighted
 merge of directories, or weights given in memory), an LRU host cache of weights read from disk
-(disk stays the source of truth, so a dropped copy is read, or merged, again), and per kind the device slots of the `MultiAdapterLinear`
-layers, evicted least recently used (released) first. An adapter is resident in one slot of its kind, at
-the same index in every layer; a layer it does not target holds the neutral value there.
+(disk stays the source of truth, so a dropped copy is read, or merged, again), and per kind the
+device slots of the `MultiAdapterLinear` layers, evicted least recently used (released) first.
+An adapter is resident in one slot of its kind, at the same index in every layer; a layer it
+does not target holds the neutral value there.
 Acquire pins (reference-counted) so a slot in use by a request is never rewritten.
 """
 
@@ -288,10 +289,13 @@ class AdapterPool:
 
     def _read(self, name: str, source: pathlib.Path | MergedSource) -> AdapterWeights:
         """Read (and merge) one adapter from disk, validated. Touches no pool state: call it without the lock."""
-        max_rank = max(self._capacity.max_rank(AdapterKind.LORA), self._capacity.max_rank(AdapterKind.FLORA))
-        paths = source.paths if isinstance(source, MergedSource) else (source,)
-        read = [load_adapter(path, max_bytes=self._limits.max_adapter_bytes, max_rank=max_rank) for path in paths]
-        weights = merge_adapters(read, source.weights) if isinstance(source, MergedSource) else read[0]
+        def load(path: pathlib.Path) -> AdapterWeights:
+            return load_adapter(path, max_bytes=self._limits.max_adapter_bytes, max_rank=self._capacity.largest_rank)
+
+        if isinstance(source, MergedSource):
+            weights = merge_adapters([load(path) for path in source.paths], source.weights)
+        else:
+            weights = load(source)
         self._validate(name, weights)
         return weights
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from flora_core.adapter_batch import AdapterBatch
+from flora_core.adapter_batch import AdapterBatch, SlotRows
 from flora_core.adapter_weights import AdapterKind, FloraModule, Ia3Module, LoraModule, ModuleWeights
 from flora_core.batched_ops import flora_matmul, ia3_scale, lora_strategy
 from flora_core.layer_plan import LayerPlan, SlotTable, layer_plan
@@ -50,6 +50,11 @@ class SlotCapacity:
     def max_rank(self, kind: AdapterKind) -> int:
         return {AdapterKind.LORA: self.lora_max_rank, AdapterKind.FLORA: self.flora_max_rank,
                 AdapterKind.IA3: 1}[kind]
+
+    @property
+    def largest_rank(self) -> int:
+        """The largest rank any adapter read for these slots may have (the bound passed to load_adapter)."""
+        return max(self.lora_max_rank, self.flora_max_rank)
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
@@ -213,7 +218,7 @@ class MultiAdapterLinear(nn.Module):
             y = ia3_scale(y, self.ia3_out, batch.ia3)
         return y.view(*x.shape[:-1], self.d_out)
 
-    def _dora_rescale(self, y: torch.Tensor, rows) -> torch.Tensor:
+    def _dora_rescale(self, y: torch.Tensor, rows: SlotRows) -> torch.Tensor:
         """DoRA tokens' outputs W0 x + b + s B A x -> g o (W0 x + s B A x) + b, the bias unscaled.
 
         y: [T, d_out]; rows: the SlotRows of the tokens whose LoRA slot holds a DoRA adapter.

@@ -51,7 +51,8 @@ def check_request(
         for token_id in token_ids:
             if token_id >= vocab_size:
                 raise ValueError(
-                    f"SamplingParams.{field} has {token_id}, not a token id of this model; pass ids in [0, {vocab_size})"
+                    f"SamplingParams.{field} has {token_id}, not a token id of this model; "
+                    f"pass ids in [0, {vocab_size})"
                 )
 
 

@@ -100,15 +100,16 @@ class AdapterCatalog:
     def merge(self, name: str, recipe: Recipe) -> CatalogEntry | str:
         """Serve `name` as the weighted merge of served adapter folders (recipe: (name, weight) pairs).
 
-        Returns the new entry, or the reason it was refused (a message naming the fix).
+        Returns the new entry, or the reason it was refused: a message naming the fix, whose first word
+        is the field at fault ("name", "adapters", "weights"; merge_adapters' messages start so too).
         """
         if self.root is None:
-            return "this application has no adapter_dir; set adapter_dir to merge adapters"
+            return "adapters cannot be merged: this application has no adapter_dir; set adapter_dir"
         if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None or ".." in name:
             return (f"name {name!r} is not valid: 1-128 characters of letters, digits, '.', '_' and '-', starting "
                     "with a letter or digit, no '..'")
         if name in self._entries:
-            return f"{name!r} is already served; unload it first or choose another name"
+            return f"name {name!r} is already served; unload it first or choose another name"
         try:
             entry = self._merged_entry(name, tuple(recipe), version=self._last_version.get(name, 0) + 1)
         except ValueError as error:
@@ -157,8 +158,8 @@ class AdapterCatalog:
         return CatalogEntry(name, version, merged.kind.value, merged.rank, tuple(recipe))
 
     def _load(self, name: str) -> AdapterWeights:
-        max_rank = max(self.capacity.lora_max_rank, self.capacity.flora_max_rank)
-        return load_adapter(self.root.resolve(name), max_bytes=self.max_adapter_bytes, max_rank=max_rank)
+        return load_adapter(self.root.resolve(name), max_bytes=self.max_adapter_bytes,
+                            max_rank=self.capacity.largest_rank)
 
     def _describe(self, name: str, version: int, validate: bool) -> CatalogEntry:
         directory = self.root.resolve(name)

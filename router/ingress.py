@@ -10,6 +10,7 @@ by router.adapter_router; the replica runs them in one engine, each row with its
 import asyncio
 import hmac
 import logging
+import re
 import time
 import uuid
 from contextlib import ExitStack, aclosing, contextmanager
@@ -83,12 +84,9 @@ def _entry_dict(entry: CatalogEntry) -> dict:
 
 
 def _merge_param(message: str) -> str:
-    """The field a refused merge's message is about."""
-    if message.startswith("weights"):
-        return "weights"
-    if message.startswith("name ") or "already served" in message:
-        return "name"
-    return "adapters"
+    """The field a refused merge is about: the first word of the catalog's message (AdapterCatalog.merge)."""
+    field = re.match(r"(name|weights)\b", message)
+    return field.group(1) if field else "adapters"
 
 
 @serve.ingress(app)
@@ -397,7 +395,8 @@ class FloraIngress:
             raise
         return list(zip(streams, firsts))
 
-    async def _merged(self, started: list[tuple[AsyncIterator, RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def _merged(self, started: list[tuple[AsyncIterator, RequestOutput]]
+                      ) -> AsyncIterator[tuple[int, RequestOutput]]:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, stream: AsyncIterator, first: RequestOutput) -> None:
@@ -433,7 +432,8 @@ class FloraIngress:
             sent_echo = set()
             async with aclosing(self._merged(started)) as merged:
                 async for index, output in merged:
-                    echo = echoes[index] if index not in sent_echo else None  # the prompt goes in a choice's first chunk
+                    # the prompt goes in a choice's first chunk only
+                    echo = echoes[index] if index not in sent_echo else None
                     sent_echo.add(index)
                     choice = fmt.completion_choice(self.tokenizer, index, output, echo, want_logprobs, delta=True,
                                                    echo_only=echo_only)

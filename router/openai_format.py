@@ -77,7 +77,8 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
 
 
 def sampling_params(body: SamplingFields, prompt_len: int, max_model_len: int, default_max_tokens: int,
-                    logprobs: Optional[int], choice_index: int, prompt_logprobs: Optional[int] = None) -> SamplingParams:
+                    logprobs: Optional[int], choice_index: int,
+                    prompt_logprobs: Optional[int] = None) -> SamplingParams:
     """SamplingParams for one choice, with the context check; 400 naming the field otherwise.
 
     An echo-only completion (max_tokens 0) asks the engine for one token, which the answer leaves out.

@@ -76,6 +76,7 @@ class SamplingControls(BaseModel):
         """null turns a penalty off, as OpenAI's API (whose penalties are nullable) and vLLM take it."""
         return cls.model_fields[info.field_name].default if value is None else value
 
+
 class SamplingFields(SamplingControls):
     """The sampling fields completions and chat completions share."""
 
@@ -92,6 +93,7 @@ class SamplingFields(SamplingControls):
     seed: Optional[int] = Field(None, description="Makes sampling reproducible for this request.")
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (vLLM's extension).")
     user: Optional[str] = None
+
     def stop_strings(self) -> list[str]:
         if self.stop is None:
             return []

@@ -67,7 +67,8 @@ def test_rows_without_penalties_are_untouched_and_a_batch_without_any_costs_noth
     penalties = PenaltyBatch.from_rows(params, [[0], [0], [0]], outputs, VOCAB, CPU)
     penalized = apply_penalties(logits, penalties)
     assert torch.equal(penalized[0], logits[0]) and torch.equal(penalized[2], logits[2])
-    greedy = next_tokens(logits.clone(), SamplingBatch.from_params(params, [None, None, None], CPU, penalties=penalties))
+    batch = SamplingBatch.from_params(params, [None, None, None], CPU, penalties=penalties)
+    greedy = next_tokens(logits.clone(), batch)
     assert greedy[0] == logits[0].argmax() and greedy[1] != logits[1].argmax()  # greedy rows are penalized too
 
 
@@ -141,7 +142,8 @@ def test_mixed_batch_rows_each_get_their_own_penalties_and_adapter(arch):
         expected = _reference(setup, adapter, prompt, penalties, eos)
         assert list(final[rid].token_ids) == expected, (adapter, penalties)
         if penalties:
-            assert expected != _reference(setup, adapter, prompt, {}, eos), f"{penalties} leave {adapter}'s tokens unchanged: the check would be vacuous"
+            assert expected != _reference(setup, adapter, prompt, {}, eos), \
+                f"{penalties} leave {adapter}'s tokens unchanged: the check would be vacuous"
 
 
 def test_sampled_rows_with_penalties_do_not_depend_on_their_batch():

@@ -60,7 +60,8 @@ def test_prompt_logprobs_equal_each_adapter_merged_alone(arch):
     for rid, (adapter, prompt) in {**plain, **{r: (a, [12, 3, 7]) for r, a in decoding.items()}}.items():
         assert final[rid].prompt_logprobs is None
         assert list(final[rid].token_ids) == setup.reference(adapter, prompt, len(final[rid].token_ids))
-        assert final[rid].finish_reason == "length" or final[rid].token_ids[-1] == setup.base.generation_config.eos_token_id
+        eos = setup.base.generation_config.eos_token_id
+        assert final[rid].finish_reason == "length" or final[rid].token_ids[-1] == eos
 
     base = merged_prompt_logprobs(setup, None, SHARED_PROMPT)
     for adapter in ADAPTERS:

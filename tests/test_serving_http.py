@@ -23,7 +23,8 @@ from flora_core.structured_output import StructuredOutput
 from router.handle_api import GenerateRequest
 from tests.reference import grammar_greedy, penalized_greedy
 from tests.serving_fixtures import (
-    MAX_MODEL_LEN, PROMPTS, TEST_ADAPTERS, app_args, engine_alone_texts, merged_logprobs, merged_model, write_test_adapters,
+    MAX_MODEL_LEN, PROMPTS, TEST_ADAPTERS, app_args, engine_alone_texts, merged_logprobs, merged_model,
+    write_test_adapters,
 )
 
 BASE_URL = "http://127.0.0.1:8000"
@@ -148,7 +149,8 @@ def test_echo_with_logprobs_scores_the_prompt_under_each_adapter(app, adapter_ro
 
     references = {}
     for model, (harness, scored) in zip(SCORED, with_client(each)):
-        expected = references[model] = merged_logprobs(adapter_root, None if model == DEFAULT_MODEL_NAME else model, ids)
+        adapter = None if model == DEFAULT_MODEL_NAME else model
+        expected = references[model] = merged_logprobs(adapter_root, adapter, ids)
         prompt_expected = [expected[i - 1, ids[i]].item() for i in range(1, len(ids))]
         choice = scored.choices[0]
         assert choice.text == "serving=" and choice.finish_reason == "length" and scored.usage.completion_tokens == 0
@@ -197,7 +199,8 @@ def test_penalties_in_one_batch_match_each_request_alone(app, adapter_root):
     """The openai client's presence/frequency_penalty and vLLM's repetition_penalty, four requests at once."""
 
     async def ask(client, model, penalties):
-        repetition = {"repetition_penalty": penalties["repetition_penalty"]} if "repetition_penalty" in penalties else {}
+        repetition = ({"repetition_penalty": penalties["repetition_penalty"]} if "repetition_penalty" in penalties
+                      else {})
         reply = await client.completions.create(
             model=model, prompt="aaaa=", max_tokens=16, temperature=0, logprobs=0,
             presence_penalty=penalties.get("presence_penalty"), frequency_penalty=penalties.get("frequency_penalty"),
@@ -465,7 +468,8 @@ def test_merged_adapters_are_served_in_mixed_batches(app, adapter_root):
     assert unloaded.json() == {"unloaded": "flora-r1", "merges_unloaded": ["mix-flora"]}
     gone = httpx.post(f"{app}/v1/completions", json={"model": "mix-flora", "prompt": "x", "max_tokens": 2}, timeout=30)
     assert gone.status_code == 404
-    assert httpx.post(f"{app}/v1/adapters/load", json={"name": "flora-r1"}, headers=TOKEN, timeout=60).status_code == 200
+    reloaded = httpx.post(f"{app}/v1/adapters/load", json={"name": "flora-r1"}, headers=TOKEN, timeout=60)
+    assert reloaded.status_code == 200
 
 
 @pytest.mark.parametrize("body, param, message", [
