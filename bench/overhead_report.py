@@ -14,7 +14,8 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 LORA_COLUMNS = ("ours", "grouped", "bmm", "bgmv", "paper_bmm", "peft", "loop")
 LABELS = {"flora ours": "FLoRA: ours", "flora loop": "FLoRA: loop", "ours_no_adapter": "ours, rows without adapters",
           "ours_slots_r64": "ours, LoRA slots padded to rank 64", "paper_bmm": "paper's bmm (per row)",
-          "bmm": "bmm (per chunk)", "bgmv": "bgmv (Triton)", "peft": "PEFT mixed batch", "loop": "loop over adapter groups"}
+          "bmm": "bmm (per chunk)", "bgmv": "bgmv (Triton)", "peft": "PEFT mixed batch",
+          "loop": "loop over adapter groups"}
 TARGETS = {"lora": 1.15, "flora": 1.05}  # model-level decode, B=32, 32 distinct adapters (the targets)
 STYLE = {"ours": ("tab:blue", "o"), "grouped": ("tab:cyan", "s"), "bmm": ("tab:orange", "^"), "bgmv": ("black", "P"),
          "paper_bmm": ("tab:brown", "v"), "peft": ("tab:red", "D"), "loop": ("tab:gray", "x"),

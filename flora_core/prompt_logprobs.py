@@ -25,7 +25,9 @@ def prompt_logprobs(logits: torch.Tensor, prompt_ids: Sequence[int], k: int) -> 
     predicting = logits[width - length : width - 1].float()  # [L-1, V]
     targets = torch.tensor(prompt_ids[1:], dtype=torch.long, device=logits.device)  # [L-1]
     chosen, top_values, top_ids = token_logprobs(predicting, targets, k)
-    entries = [TokenLogprob(token_id=token, logprob=logprob, top=tuple(zip(ids, values)))
-               for token, logprob, ids, values in zip(prompt_ids[1:], chosen.tolist(), top_ids.tolist(),
-                                                      top_values.tolist())]
+    # vLLM's rank: how many tokens are at least as likely (log_softmax keeps each row's order of logits)
+    ranks = (predicting >= predicting.gather(1, targets[:, None])).sum(dim=1)  # [L-1]
+    entries = [TokenLogprob(token_id=token, logprob=logprob, top=tuple(zip(ids, values)), rank=rank)
+               for token, logprob, ids, values, rank in zip(prompt_ids[1:], chosen.tolist(), top_ids.tolist(),
+                                                            top_values.tolist(), ranks.tolist())]
     return (None, *entries)

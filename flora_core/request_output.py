@@ -20,6 +20,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first; as many as the params ask
+    rank: int | None = None  # the token's place in the vocabulary by logprob, 1 = most likely (prompt tokens only)
 
 
 @dataclass(frozen=True)

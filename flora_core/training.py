@@ -43,7 +43,8 @@ class AdapterSpec:
         return (self.lora_alpha if self.lora_alpha is not None else 2.0 * self.rank) / self.rank
 
 
-def init_adapter(spec: AdapterSpec, layers: Mapping[str, MultiAdapterLinear], generator: torch.Generator) -> AdapterWeights:
+def init_adapter(spec: AdapterSpec, layers: Mapping[str, MultiAdapterLinear],
+                 generator: torch.Generator) -> AdapterWeights:
     """Fresh weights for spec on the matching layers; the model's function is unchanged at step 0."""
     modules = {}
     for name, layer in layers.items():

@@ -143,7 +143,8 @@ class FloraIngress:
         prompts = body.prompts()
         fmt.check_counts(body.n, len(prompts), MAX_CHOICES)
         echo_only = body.echo_only
-        prompt_logprobs = body.logprobs if body.echo else None  # echo + logprobs scores the prompt too
+        # echo + logprobs scores the prompt too; vLLM's prompt_logprobs asks for it in its own format
+        prompt_logprobs = fmt.prompt_logprobs_param(body, body.logprobs if body.echo else None)
         adapter = await self._adapter_ref(body.model)
         jobs, echoes, prompt_lens = [], [], []
         for prompt in prompts:
@@ -156,12 +157,12 @@ class FloraIngress:
                                              prompt_logprobs)
                 jobs.append(self._job(ids, params, adapter))
                 echoes.append(echo)
-        want_logprobs = body.logprobs is not None
         if body.stream:
-            return await self._stream_completion(body, jobs, echoes, prompt_lens, want_logprobs, echo_only)
+            return await self._stream_completion(body, jobs, echoes, prompt_lens, echo_only)
         outputs = await self._run_all(jobs, body.model)
-        choices = [fmt.completion_choice(self.tokenizer, i, o, echoes[i], want_logprobs, delta=False,
-                                         echo_only=echo_only) for i, o in enumerate(outputs)]
+        choices = [fmt.completion_choice(self.tokenizer, i, o, echoes[i], body.logprobs, delta=False,
+                                         echo_only=echo_only, prompt_logprobs_k=body.prompt_logprobs)
+                   for i, o in enumerate(outputs)]
         return CompletionResponse(model=body.model, choices=choices,
                                   usage=fmt.usage_of(outputs, prompt_lens, echo_only))
 
@@ -177,8 +178,10 @@ class FloraIngress:
         adapter = await self._adapter_ref(body.model)
         ids = fmt.chat_prompt_ids(self.tokenizer, body.messages, self.max_prompt_chars)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        prompt_logprobs = fmt.prompt_logprobs_param(body)
         jobs = [self._job(ids, fmt.sampling_params(body, len(ids), self.settings.max_model_len,
-                                                   self.settings.default_max_tokens, logprobs, i), adapter)
+                                                   self.settings.default_max_tokens, logprobs, i, prompt_logprobs),
+                          adapter)
                 for i in range(body.n)]
         if body.stream:
             return await self._stream_chat(body, jobs, len(ids))
@@ -186,7 +189,10 @@ class FloraIngress:
         choices = [ChatChoice(index=i, message=ChatMessageOut(content=o.text),
                               logprobs=fmt.chat_logprobs(self.tokenizer, o.logprobs or ()) if body.logprobs else None,
                               finish_reason=fmt._finish(o)) for i, o in enumerate(outputs)]
-        return ChatCompletionResponse(model=body.model, choices=choices, usage=fmt.usage_of(outputs, [len(ids)]))
+        scored = None if prompt_logprobs is None else fmt.vllm_prompt_logprobs(self.tokenizer, outputs[0],
+                                                                              prompt_logprobs)
+        return ChatCompletionResponse(model=body.model, choices=choices, usage=fmt.usage_of(outputs, [len(ids)]),
+                                      prompt_logprobs=scored)
 
     @app.post("/tokenize")
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
@@ -423,8 +429,7 @@ class FloraIngress:
             for stream, _ in started:
                 await stream.aclose()
 
-    async def _stream_completion(self, body: CompletionRequest, jobs, echoes, prompt_lens, want_logprobs,
-                                 echo_only: bool):
+    async def _stream_completion(self, body: CompletionRequest, jobs, echoes, prompt_lens, echo_only: bool):
         admission, started = await self._start_streams(jobs)
         completion_id, finals = f"cmpl-{uuid.uuid4().hex}", {}
 
@@ -435,7 +440,7 @@ class FloraIngress:
                     # the prompt goes in a choice's first chunk only
                     echo = echoes[index] if index not in sent_echo else None
                     sent_echo.add(index)
-                    choice = fmt.completion_choice(self.tokenizer, index, output, echo, want_logprobs, delta=True,
+                    choice = fmt.completion_choice(self.tokenizer, index, output, echo, body.logprobs, delta=True,
                                                    echo_only=echo_only)
                     yield fmt.sse(CompletionResponse(id=completion_id, model=body.model, choices=[choice]))
                     if output.finished:

@@ -20,6 +20,8 @@ from router.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    PromptLogprobs,
+    PromptTokenLogprob,
     SamplingFields,
     TopLogprob,
     Usage,
@@ -57,8 +59,8 @@ def chat_prompt_ids(tokenizer, messages: Sequence[ChatMessage], max_chars: int) 
     """The chat template applied to the messages, ready for generation; 400 if the model has none."""
     if not getattr(tokenizer, "chat_template", None):
         raise bad_request("this model's tokenizer has no chat template; use /v1/completions instead", "messages")
-    _check_prompt_chars(sum(len(m.content) for m in messages), max_chars, "messages")
-    messages = [{"role": m.role, "content": m.content} for m in messages]
+    _check_prompt_chars(sum(len(m.text) for m in messages), max_chars, "messages")
+    messages = [{"role": m.role, "content": m.text} for m in messages]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     return list(ids)
@@ -146,41 +148,74 @@ def check_counts(n: int, prompts: int, limit: int) -> None:
         raise bad_request(f"n x prompts = {n * prompts} completions in one request; the limit is {limit}", "n")
 
 
-def completion_logprobs(tokenizer, entries: Sequence[tuple[int, Optional[TokenLogprob]]]) -> CompletionLogprobs:
-    """OpenAI's completion logprobs from (token id, its logprob) pairs; None for a prompt's first token."""
+def prompt_logprobs_param(body: SamplingFields, echo_logprobs: Optional[int] = None) -> Optional[int]:
+    """How many alternatives per prompt token the engine computes: vLLM's prompt_logprobs, and echo's logprobs
+    (on completions), whichever is larger; None if neither asks. 400 for prompt_logprobs with stream."""
+    if body.prompt_logprobs is not None and body.stream:
+        raise bad_request("prompt_logprobs is not available with stream=true (as in vLLM); ask for the whole answer",
+                          "prompt_logprobs")
+    asked = [k for k in (body.prompt_logprobs, echo_logprobs) if k is not None]
+    return max(asked) if asked else None
+
+
+def vllm_prompt_logprobs(tokenizer, output: RequestOutput, k: int) -> PromptLogprobs:
+    """vLLM's prompt_logprobs: per prompt token {token id: {logprob, rank, decoded_token}}, the prompt's own token
+    first, then its k most likely alternatives (ranks 1..k); None for the first token, which nothing precedes."""
+    result: PromptLogprobs = []
+    for item in output.prompt_logprobs or ():
+        if item is None:
+            result.append(None)
+            continue
+        tokens = {item.token_id: PromptTokenLogprob(logprob=item.logprob, rank=item.rank,
+                                                    decoded_token=tokenizer.decode([item.token_id]))}
+        for rank, (token_id, logprob) in enumerate(item.top[:k], start=1):
+            tokens.setdefault(token_id, PromptTokenLogprob(logprob=logprob, rank=rank,
+                                                           decoded_token=tokenizer.decode([token_id])))
+        result.append(tokens)
+    return result
+
+
+def completion_logprobs(tokenizer, entries: Sequence[tuple[int, Optional[TokenLogprob]]], k: int) -> CompletionLogprobs:
+    """OpenAI's completion logprobs from (token id, its logprob) pairs, with k alternatives each; None for a
+    prompt's first token."""
     result = CompletionLogprobs()
     offset = 0
     for token_id, item in entries:
         token = tokenizer.decode([token_id])
         result.tokens.append(token)
         result.token_logprobs.append(None if item is None else item.logprob)
-        result.top_logprobs.append(None if item is None else {tokenizer.decode([t]): lp for t, lp in item.top})
+        result.top_logprobs.append(None if item is None else {tokenizer.decode([t]): lp for t, lp in item.top[:k]})
         result.text_offset.append(offset)
         offset += len(token)
     return result
 
 
-def completion_choice(tokenizer, index: int, output: RequestOutput, echo_text: Optional[str], want_logprobs: bool,
-                      delta: bool, echo_only: bool = False) -> CompletionChoice:
+def completion_choice(tokenizer, index: int, output: RequestOutput, echo_text: Optional[str],
+                      logprobs_k: Optional[int], delta: bool, echo_only: bool = False,
+                      prompt_logprobs_k: Optional[int] = None) -> CompletionChoice:
     """A choice from an output: its whole text, or (delta=True) this step's increment.
 
     echo_text: the prompt, put before the completion (None: not echoed, or already sent in this
     stream); with logprobs, the prompt's tokens and their logprobs (the first None) come first.
+    logprobs_k: the request's logprobs (alternatives per token), None for none.
     echo_only: the answer is the prompt alone (max_tokens 0); the engine's one token is left out.
+    prompt_logprobs_k: vLLM's prompt_logprobs, None for none.
     """
     text = "" if echo_only else (output.delta_text if delta else output.text)
     logprobs = None
-    if want_logprobs:
+    if logprobs_k is not None:
         entries = []
         if echo_text is not None and output.prompt_logprobs is not None:
             entries += zip(output.prompt_token_ids, output.prompt_logprobs)
         if not echo_only:
             entries += ((item.token_id, item) for item in (output.delta_logprobs if delta else output.logprobs) or ())
-        logprobs = completion_logprobs(tokenizer, entries)
+        logprobs = completion_logprobs(tokenizer, entries, logprobs_k)
     finish_reason = None
     if output.finished:
         finish_reason = "length" if echo_only else _finish(output)
-    return CompletionChoice(index=index, text=(echo_text or "") + text, logprobs=logprobs, finish_reason=finish_reason)
+    prompt_logprobs = None if prompt_logprobs_k is None else vllm_prompt_logprobs(tokenizer, output, prompt_logprobs_k)
+    return CompletionChoice(index=index, text=(echo_text or "") + text, logprobs=logprobs,
+                            prompt_logprobs=prompt_logprobs, finish_reason=finish_reason)
 
 
 def chat_logprobs(tokenizer, items: Sequence[TokenLogprob]) -> ChatLogprobs:

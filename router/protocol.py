@@ -93,6 +93,8 @@ class SamplingFields(SamplingControls):
     seed: Optional[int] = Field(None, description="Makes sampling reproducible for this request.")
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence (vLLM's extension).")
     user: Optional[str] = None
+    prompt_logprobs: Optional[int] = Field(None, description=f"vLLM's: per prompt token, its log-probability and "
+                                           f"rank and the top 0 to {MAX_LOGPROBS} alternatives; not with stream.")
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -135,11 +137,37 @@ class CompletionRequest(SamplingFields):
         return list(prompt)
 
 
+class ChatTextPart(BaseModel):
+    """One part of a message's content in OpenAI's list form: {"type": "text", "text": ...}."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    content: Union[str, list[ChatTextPart]] = Field(
+        description="Text, or OpenAI's list of text parts (joined with newlines, as vLLM joins them).")
     name: Optional[str] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value):
+        """Name the fix for parts this text-only model cannot read (images, audio, files) before pydantic's union
+        error does."""
+        for index, part in enumerate(value if isinstance(value, list) else ()):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text":
+                raise ValueError(f"content part {index} has type {kind!r}; this model reads text only: send a "
+                                 "string or parts {'type': 'text', 'text': ...}")
+        return value
+
+    @property
+    def text(self) -> str:
+        """The content as one string: the text parts joined with newlines."""
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -167,10 +195,22 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
 
+class PromptTokenLogprob(BaseModel):
+    """vLLM's Logprob: one entry of a prompt token's {token id: ...} dict."""
+
+    logprob: float
+    rank: Optional[int] = Field(None, description="1 = the most likely token at this position.")
+    decoded_token: str
+
+
+PromptLogprobs = list[Optional[dict[int, PromptTokenLogprob]]]  # per prompt token; None for the first
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
+    prompt_logprobs: Optional[PromptLogprobs] = Field(None, description="vLLM's, when the request asks for them.")
     finish_reason: Optional[Literal["stop", "length"]] = None
 
 
@@ -237,6 +277,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Optional[Usage] = None
+    prompt_logprobs: Optional[PromptLogprobs] = Field(None, description="vLLM's, when the request asks for them.")
 
 
 class ChatCompletionChunk(BaseModel):

@@ -322,6 +322,85 @@ def test_chat_completions_use_the_chat_template(app):
     assert chat == plain  # the template renders the last user message followed by "="
 
 
+def test_chat_content_as_text_parts_is_the_joined_text(app):
+    """OpenAI's list form of content (what many clients send): text parts joined with newlines, as vLLM joins them."""
+    parts = [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]
+
+    async def ask(client):
+        one_part = await client.chat.completions.create(
+            model="flora-r4", messages=[{"role": "user", "content": [{"type": "text", "text": "hello"}]}],
+            max_tokens=10, temperature=0)
+        as_string = await client.chat.completions.create(
+            model="flora-r4", messages=[{"role": "user", "content": "hello"}], max_tokens=10, temperature=0)
+        picture = [{"type": "text", "text": "what is this"},
+                   {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+        with pytest.raises(openai.BadRequestError) as image:
+            await client.chat.completions.create(model="flora-r4", max_tokens=2,
+                                                 messages=[{"role": "user", "content": picture}])
+        plain = await client.completions.create(model="flora-r4", prompt="hello=", max_tokens=10, temperature=0)
+        return one_part.choices[0].message.content, as_string.choices[0].message.content, plain, image.value
+
+    one_part, as_string, plain, image = with_client(ask)
+    assert one_part == as_string == plain.choices[0].text  # the template renders the user's text followed by "="
+    assert image.body["param"] == "messages" and "text only" in image.body["message"]
+    told = [httpx.post(f"{app}/tokenize", json={"model": "flora-r4", "messages": [{"role": "user", "content": c}]},
+                       timeout=30).json()["tokens"] for c in (parts, "hel\nlo", "hello")]
+    assert told[0] == told[1] != told[2]
+
+
+def test_prompt_logprobs_in_vllms_format_score_each_adapter(app, adapter_root):
+    """vLLM's prompt_logprobs on completions (beside echo's logprobs) and chat, for several adapters in one batch:
+    each prompt token's logprob, rank and top alternatives against the adapter merged into the weights."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    ids = tokenizer("serving=")["input_ids"]
+    messages = [{"role": "user", "content": "flora"}]
+    chat_ids = httpx.post(f"{app}/tokenize", json={"model": "lora-r8", "messages": messages}, timeout=30).json()
+
+    async def score(client, model):
+        completion = await client.completions.create(model=model, prompt="serving=", max_tokens=1, temperature=0,
+                                                     echo=True, logprobs=1, extra_body={"prompt_logprobs": 3})
+        chat = await client.chat.completions.create(model=model, messages=messages, max_tokens=1, temperature=0,
+                                                    extra_body={"prompt_logprobs": 0})
+        return completion, chat
+
+    async def each(client):
+        return await asyncio.gather(*(score(client, m) for m in SCORED))
+
+    def check(scored: list, prompt: list[int], expected: torch.Tensor, k: int, model: str) -> None:
+        assert len(scored) == len(prompt) and scored[0] is None
+        for i, entry in enumerate(scored[1:], start=1):
+            reference, token = expected[i - 1], prompt[i]
+            best = reference.topk(k).indices.tolist()
+            assert set(entry) == {str(t) for t in [token, *best]} and next(iter(entry)) == str(token), (model, i)
+            own = entry[str(token)]
+            assert own["logprob"] == pytest.approx(reference[token].item(), abs=1e-4), (model, i)
+            at_least = 1 + int((reference > reference[token] + 1e-4).sum())  # ranks of near-ties may swap
+            assert at_least <= own["rank"] <= int((reference >= reference[token] - 1e-4).sum()), (model, i)
+            assert own["decoded_token"] == tokenizer.decode([token])
+            for rank, alternative in enumerate(best, start=1):
+                got = entry[str(alternative)]
+                assert got["rank"] == rank and got["decoded_token"] == tokenizer.decode([alternative])
+                assert got["logprob"] == pytest.approx(reference[alternative].item(), abs=1e-4)
+
+    for model, (completion, chat) in zip(SCORED, with_client(each)):
+        adapter = None if model == DEFAULT_MODEL_NAME else model
+        choice = completion.choices[0]
+        check(choice.prompt_logprobs, ids, merged_logprobs(adapter_root, adapter, ids), 3, model)
+        assert all(top is None or len(top) == 1 for top in choice.logprobs.top_logprobs), "echo keeps logprobs=1"
+        check(chat.prompt_logprobs, chat_ids["tokens"], merged_logprobs(adapter_root, adapter, chat_ids["tokens"]),
+              0, model)
+        assert chat.usage.prompt_tokens == chat_ids["count"]
+
+    plain = httpx.post(f"{app}/v1/completions", json={"model": "lora-r8", "prompt": "x=", "max_tokens": 1},
+                       timeout=60).json()
+    assert plain["choices"][0]["prompt_logprobs"] is None
+    for route, body in [("completions", {"prompt": "x=", "stream": True}),
+                        ("chat/completions", {"messages": messages, "stream": True}),
+                        ("completions", {"prompt": "x=", "prompt_logprobs": 21})]:
+        refused = httpx.post(f"{app}/v1/{route}", json={"model": "lora-r8", "prompt_logprobs": 2, **body}, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt_logprobs", refused.text
+
+
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(app):
     async def expect(client, error_type, **kwargs):
         with pytest.raises(error_type) as info:
