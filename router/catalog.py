@@ -81,14 +81,19 @@ class AdapterCatalog:
     def snapshot(self) -> CatalogSnapshot:
         return CatalogSnapshot(self._generation, dict(self._entries))
 
-    def load(self, name: str) -> CatalogEntry | str:
+    def load(self, name: str, path: Optional[str] = None) -> CatalogEntry | str:
         """Validate the folder `name` under the root fully and serve it (again, with a new version).
 
-        Returns the new entry, or the reason it was refused (a message naming the fix).
+        path: the folder as vLLM's load_lora_adapter names it (absolute, or relative to the root); it must be
+        the folder `name` directly under the root. Returns the new entry, or the reason it was refused (a
+        message naming the fix).
         """
         if self.root is None:
             return "this application has no adapter_dir; set adapter_dir to load adapters by name"
         try:
+            if path is not None and (folder := self.root.name_of(path)) != name:
+                raise ValueError(f"lora_name {name!r} differs from the folder lora_path names, {folder!r}; adapters "
+                                 "are served under their folder's name: pass that as lora_name")
             entry = self._describe(name, version=self._last_version.get(name, 0) + 1, validate=True)
         except ValueError as error:
             return self.root.relative(str(error))

@@ -18,7 +18,7 @@ from typing import AsyncIterator, Iterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
@@ -33,8 +33,9 @@ from router.messages import AdapterRef, ReplicaRequest
 from router.metrics import CLIENT_CLOSED, UNKNOWN_ADAPTER, IngressMetrics
 from router.protocol import (AdapterMerge, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                              ChatCompletionResponse, ChatDelta, ChatMessageOut, ChatStreamChoice, CompletionRequest,
-                             CompletionResponse, DetokenizeRequest, DetokenizeResponse, LoadAdapterRequest, ModelCard,
-                             ModelList, TokenizeRequest, TokenizeResponse)
+                             CompletionResponse, DetokenizeRequest, DetokenizeResponse, LoadAdapterRequest,
+                             LoadLoraAdapterRequest, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+                             UnloadLoraAdapterRequest)
 from router.settings import IngressSettings
 
 logger = logging.getLogger("ray.serve")
@@ -224,6 +225,28 @@ class FloraIngress:
             raise bad_request(result, "name")
         await self._snapshot(refresh=True)
         return {"loaded": _entry_dict(result)}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, body: LoadLoraAdapterRequest, request: Request) -> PlainTextResponse:
+        """vLLM's route: the same load as /v1/adapters/load, answered as vLLM answers."""
+        self._check_management(request)
+        if not body.load_inplace and body.lora_name in (await self._snapshot(refresh=True)).entries:
+            raise bad_request(f"The lora adapter {body.lora_name!r} has already been loaded; pass load_inplace=true "
+                              "to read it again", "lora_name")
+        result = await self.catalog.load.remote(body.lora_name, body.lora_path)
+        if isinstance(result, str):
+            raise bad_request(result, "lora_path" if result.startswith("lora_path") else "lora_name")
+        await self._snapshot(refresh=True)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, body: UnloadLoraAdapterRequest, request: Request) -> PlainTextResponse:
+        self._check_management(request)
+        if not await self.catalog.unload.remote(body.lora_name):
+            raise ApiError(404, f"The lora adapter {body.lora_name!r} cannot be found.", "not_found_error",
+                           "lora_name")
+        await self._snapshot(refresh=True)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/adapters/merge")
     async def merge_adapters(self, body: AdapterMerge, request: Request) -> dict:
@@ -512,8 +535,14 @@ class FloraIngress:
 
     def _metric_adapter(self, model: str) -> str:
         """The adapter tag: the name if it is served, else UNKNOWN_ADAPTER (clients pick `model`)."""
+        model = self._adapter_name(model)
         served = model == self.settings.served_model_name or (self._catalog and model in self._catalog.entries)
         return model if served else UNKNOWN_ADAPTER
+
+    def _adapter_name(self, model: str) -> str:
+        """`model` without the "<base model>:" prefix that Ray Serve LLM's multi-LoRA ids carry."""
+        prefix = f"{self.settings.served_model_name}:"
+        return model[len(prefix):] if model.startswith(prefix) else model
 
     async def _snapshot(self, refresh: bool = False) -> CatalogSnapshot:
         if refresh or self._catalog is None or time.monotonic() - self._catalog_at > CATALOG_TTL_S:
@@ -522,6 +551,7 @@ class FloraIngress:
         return self._catalog
 
     async def _adapter_ref(self, model: str) -> Optional[AdapterRef]:
+        model = self._adapter_name(model)
         if model == self.settings.served_model_name:
             return None
         entry = (await self._snapshot()).entries.get(model)

@@ -351,6 +351,23 @@ class LoadAdapterRequest(BaseModel):
     name: str = Field(description="The adapter's folder name under the configured adapter root.")
 
 
+class LoadLoraAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's dynamic LoRA loading), for adapter folders under adapter_dir."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(description="The adapter's name: its folder's name.")
+    lora_path: str = Field(description="Its folder, directly under adapter_dir: absolute, or relative to it.")
+    load_inplace: bool = Field(False, description="Re-read an adapter already served (a new version).")
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter (vLLM's)."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str
+    lora_int_id: Optional[int] = Field(None, description="Accepted for vLLM's clients; names are what count here.")
+
+
 class AdapterMerge(BaseModel):
     """A merged adapter: POST /v1/adapters/merge, or an entry of the deploy config's merged_adapters."""
 

@@ -82,3 +82,14 @@ def test_a_weights_file_linking_out_of_the_root_is_refused(tmp_path):
     with pytest.raises(ValueError, match="outside the adapter root"):
         AdapterRoot(root).resolve("sneaky")
     assert "sneaky" not in AdapterRoot(root).list_names()
+
+
+def test_name_of_a_path_directly_under_the_root(root, tmp_path):
+    """vLLM's load_lora_adapter names folders by path: absolute or relative, only folders directly under the root."""
+    assert root.name_of(str(root.root / "A_b")) == "A_b"
+    assert root.name_of("good-1.v2") == root.name_of(str(root.root / "x" / ".." / "good-1.v2")) == "good-1.v2"
+    (root.root / "linked-out").symlink_to(tmp_path / "outside")
+    for path in [str(tmp_path / "outside"), "../outside", "A_b/nested", "/etc", str(root.root), ".", "linked-out",
+                 "missing"]:
+        with pytest.raises(ValueError, match="^lora_path"):
+            root.name_of(path)

@@ -322,6 +322,22 @@ def test_chat_completions_use_the_chat_template(app):
     assert chat == plain  # the template renders the last user message followed by "="
 
 
+def test_ray_serve_llm_model_ids_name_the_same_adapters(app):
+    """Ray Serve LLM's multi-LoRA ids, "<base model>:<adapter>", reach the same adapters as their plain names."""
+    async def ask(client):
+        answers = []
+        for model in ["lora-r8", f"{DEFAULT_MODEL_NAME}:lora-r8", "ia3-b", f"{DEFAULT_MODEL_NAME}:ia3-b"]:
+            reply = await client.completions.create(model=model, prompt="hello=", max_tokens=8, temperature=0)
+            answers.append(reply.choices[0].text)
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.completions.create(model=f"{DEFAULT_MODEL_NAME}:no-such-adapter", prompt="x=", max_tokens=2)
+        return answers, missing.value
+
+    (lora, lora_id, ia3, ia3_id), missing = with_client(ask)
+    assert lora == lora_id and ia3 == ia3_id and lora != ia3
+    assert missing.body["param"] == "model"
+
+
 def test_chat_content_as_text_parts_is_the_joined_text(app):
     """OpenAI's list form of content (what many clients send): text parts joined with newlines, as vLLM joins them."""
     parts = [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]
@@ -467,6 +483,44 @@ def test_adapters_load_and_unload_at_runtime(app, adapter_root):
     assert httpx.post(f"{app}/v1/adapters/unload", json={"name": "late-lora"}, headers=TOKEN,
                       timeout=30).status_code == 200
     assert httpx.post(f"{app}/v1/completions", json=body, timeout=30).status_code == 404
+
+
+def test_vllms_load_and_unload_lora_adapter_routes(app, adapter_root, tmp_path):
+    """vLLM's dynamic LoRA routes, for folders under adapter_dir: a path out of it is refused, links included."""
+    shutil.copytree(adapter_root / "lora-r4", adapter_root / "vllm-lora")
+    shutil.copytree(adapter_root / "lora-r4", tmp_path / "outside")
+    (adapter_root / "linked-out").symlink_to(tmp_path / "outside")
+    body = {"model": "vllm-lora", "prompt": "hello=", "max_tokens": 6, "temperature": 0}
+
+    def post(route, payload, headers=TOKEN):
+        return httpx.post(f"{app}/v1/{route}", json=payload, headers=headers, timeout=60)
+
+    absolute = {"lora_name": "vllm-lora", "lora_path": str(adapter_root / "vllm-lora")}
+    assert post("load_lora_adapter", absolute, headers={}).status_code == 401
+    for payload, param in [({"lora_name": "outside", "lora_path": str(tmp_path / "outside")}, "lora_path"),
+                           ({"lora_name": "outside", "lora_path": "../outside"}, "lora_path"),
+                           ({"lora_name": "linked-out", "lora_path": "linked-out"}, "lora_path"),
+                           ({"lora_name": "no-such", "lora_path": "no-such"}, "lora_path"),
+                           ({"lora_name": "renamed", "lora_path": "vllm-lora"}, "lora_name")]:
+        refused = post("load_lora_adapter", payload)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, (payload, refused.text)
+        assert str(adapter_root) not in refused.text  # no server paths but the client's own
+    assert post("completions", body).status_code == 404
+
+    loaded = post("load_lora_adapter", absolute)
+    assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'vllm-lora' added successfully."
+    served = post("completions", body)
+    same = post("completions", {**body, "model": "lora-r4"})
+    assert served.status_code == 200 and served.json()["choices"][0]["text"] == same.json()["choices"][0]["text"]
+    again = post("load_lora_adapter", absolute)
+    assert again.status_code == 400 and again.json()["error"]["param"] == "lora_name"
+    inplace = post("load_lora_adapter", {"lora_name": "vllm-lora", "lora_path": "vllm-lora", "load_inplace": True})
+    assert inplace.status_code == 200
+
+    unloaded = post("unload_lora_adapter", {"lora_name": "vllm-lora", "lora_int_id": 7})
+    assert unloaded.status_code == 200 and unloaded.text == "Success: LoRA adapter 'vllm-lora' removed successfully."
+    assert post("unload_lora_adapter", {"lora_name": "vllm-lora"}).status_code == 404
+    assert post("completions", body).status_code == 404
 
 
 def test_a_peft_dora_adapter_answers_as_peft_generates(app, adapter_root):
