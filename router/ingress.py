@@ -14,7 +14,7 @@ import re
 import time
 import uuid
 from contextlib import ExitStack, aclosing, contextmanager
-from typing import AsyncIterator, Iterator, Optional
+from typing import AsyncIterator, Callable, Iterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from transformers import AutoConfig, AutoTokenizer
 
 from flora_core.request_output import RequestOutput
+from router import lorax_api as lorax
 from router import openai_format as fmt
 from router.catalog import CatalogEntry, CatalogSnapshot
 from router.errors import ApiError, bad_request, error_for_exception, error_for_status, overloaded, unknown_model
@@ -210,6 +211,63 @@ class FloraIngress:
         await self._adapter_ref(body.model)
         fmt.check_token_ids(body.tokens, self.vocab_size, "tokens")
         return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
+
+    @app.post("/generate")
+    async def lorax_generate(self, request: Request):
+        """LoRAX's (TGI's) generate: {"inputs", "parameters": {"adapter_id", ...}}."""
+        return await self._lorax(request, stream=False)
+
+    @app.post("/generate_stream")
+    async def lorax_generate_stream(self, request: Request):
+        return await self._lorax(request, stream=True)
+
+    @app.post("/")
+    async def lorax_client_route(self, request: Request):
+        """What `lorax.Client` posts to: the body's `stream` picks the stream, else a list of one answer."""
+        return await self._lorax(request, stream=None)
+
+    async def _lorax(self, request: Request, stream: Optional[bool]):
+        try:
+            body = lorax.parse_request(await request.body())
+            model = body.parameters.adapter_id or self.settings.served_model_name
+            streaming = body.stream if stream is None else stream
+            with self._refusals_counted(model):
+                job = await self._lorax_job(body, model, streaming)
+                if streaming:
+                    return await self._stream_lorax(body, job, model)
+                (output,) = await self._run_all([job], model)
+        except ApiError as error:
+            return lorax.error_response(error)
+        answer = lorax.response(self.tokenizer, body, output, job.params.seed)
+        return JSONResponse([answer] if stream is None else answer)
+
+    async def _lorax_job(self, body: "lorax.LoraxRequest", model: str, streaming: bool) -> ReplicaRequest:
+        completion = lorax.completion_body(body, model)
+        adapter = await self._adapter_ref(model)
+        ids = fmt.tokenize_prompt(self.tokenizer, body.inputs, self.vocab_size, self.max_prompt_chars)
+        ids = ids[-body.parameters.truncate:] if body.parameters.truncate else ids
+        p = body.parameters
+        tokens_shown = p.details or p.decoder_input_details or streaming  # each shown token has its logprob
+        logprobs = (p.return_k_alternatives or 0) if tokens_shown else None
+        params = fmt.sampling_params(completion, len(ids), self.settings.max_model_len,
+                                     self.settings.default_max_tokens, logprobs, 0,
+                                     0 if p.decoder_input_details else None)
+        return self._job(ids, params, adapter)
+
+    async def _stream_lorax(self, body: "lorax.LoraxRequest", job: ReplicaRequest, model: str) -> StreamingResponse:
+        admission, started = await self._start_streams([job])
+        finals = {}
+
+        async def chunks() -> AsyncIterator[str]:
+            async with aclosing(self._merged(started)) as merged:
+                async for index, output in merged:
+                    for event in lorax.stream_events(self.tokenizer, body, output, job.params.seed):
+                        yield fmt.sse(event)
+                    if output.finished:
+                        finals[index] = output
+
+        return self._sse_response(model, admission, chunks(), finals, done=None,
+                                  error_event=lambda error: fmt.sse(lorax.error_body(lorax.lorax_error(error))))
 
     @app.get("/v1/adapters")
     async def list_adapters(self) -> dict:
@@ -498,8 +556,10 @@ class FloraIngress:
         return self._sse_response(body.model, admission, chunks(), finals)
 
     def _sse_response(self, model: str, admission: ExitStack, chunks: AsyncIterator[str],
-                      finals: dict[int, RequestOutput]) -> StreamingResponse:
-        """Stream `chunks` (SSE strings), then [DONE]; an ApiError mid-stream becomes an error event.
+                      finals: dict[int, RequestOutput], done: Optional[str] = fmt.SSE_DONE,
+                      error_event: Callable[[ApiError], str] = fmt.error_event) -> StreamingResponse:
+        """Stream `chunks` (SSE strings), then `done` (OpenAI's [DONE]; None: nothing); an ApiError
+        mid-stream becomes an error_event.
 
         However the stream ends (done, failed, or the client gone), the admission is released and
         the request is counted under the status it ended with.
@@ -510,11 +570,13 @@ class FloraIngress:
                 async for event in chunks:
                     yield event
                 status = 200
-                yield fmt.SSE_DONE
+                if done:
+                    yield done
             except ApiError as error:
                 status = error.status
-                yield fmt.error_event(error)
-                yield fmt.SSE_DONE
+                yield error_event(error)
+                if done:
+                    yield done
             finally:
                 admission.close()
                 self.metrics.record_request(self._metric_adapter(model), status, finals.values())

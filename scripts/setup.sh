@@ -26,4 +26,8 @@ if ! $HAS_GPU; then
 fi
 echo "setup: installing flora-serve and its test/bench extras"
 .venv/bin/python -m pip install --quiet -e ".[test,bench]"
+# LoRAX's own client, for the tests of our LoRAX-compatible routes. --no-deps: it pins
+# huggingface-hub<1 and certifi, which transformers 5 outgrows, and imports neither (it needs
+# requests, aiohttp and pydantic, installed above with Ray).
+.venv/bin/python -m pip install --quiet --no-deps "lorax-client==0.6.3"
 echo "setup: done. Activate with: source .venv/bin/activate"

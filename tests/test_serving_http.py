@@ -187,6 +187,82 @@ def test_streamed_echo_carries_the_prompt_logprobs_once(app):
     assert streamed[0] is None and streamed[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-5)
 
 
+LORAX_MODELS = [None, "lora-r8", "flora-r4", "ia3-a"]
+
+
+def test_lorax_clients_generate_with_each_adapter_in_one_batch(app, adapter_root):
+    """LoRAX's own client on /generate (POST / for it), four adapters at once: each text is the engine alone's,
+    and each token's logprob, top alternatives and the prompt's scores are the adapter merged into the weights."""
+    import lorax
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    prompt_ids = tokenizer("hello=")["input_ids"]
+
+    async def each():
+        client = lorax.AsyncClient(BASE_URL, timeout=60)
+        return await asyncio.gather(*(client.generate("hello=", adapter_id=m, max_new_tokens=8, details=True,
+                                                      decoder_input_details=True, return_k_alternatives=2)
+                                      for m in LORAX_MODELS))
+
+    answers = asyncio.run(each())
+    expected = engine_alone_texts(adapter_root, [(m, "hello=", 8) for m in LORAX_MODELS])
+    assert [a.generated_text for a in answers] == expected
+    assert len(set(expected)) >= 3, "adapters barely change the answers: the comparison would be vacuous"
+    for model, answer in zip(LORAX_MODELS, answers):
+        details, generated = answer.details, [t.id for t in answer.details.tokens]
+        assert details.prompt_tokens == len(prompt_ids) and details.generated_tokens == len(generated)
+        ended_on_eos = generated[-1] == tokenizer.eos_token_id
+        assert details.finish_reason.value == ("eos_token" if ended_on_eos else "length")
+        assert "".join(t.text for t in details.tokens if not t.special) == answer.generated_text
+        reference = merged_logprobs(adapter_root, model, prompt_ids + generated)  # row i predicts token i + 1
+        for i, token in enumerate(details.tokens):
+            row = reference[len(prompt_ids) - 1 + i]
+            assert token.logprob == pytest.approx(row[token.id].item(), abs=1e-4), (model, i)
+            best = row.topk(2)
+            assert [a.id for a in token.alternative_tokens] == best.indices.tolist(), (model, i)
+            assert [a.logprob for a in token.alternative_tokens] == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert [t.id for t in details.prefill] == prompt_ids and details.prefill[0].logprob is None
+        assert [t.logprob for t in details.prefill[1:]] == pytest.approx(
+            [reference[i - 1, prompt_ids[i]].item() for i in range(1, len(prompt_ids))], abs=1e-4)
+
+
+def test_lorax_stream_sampling_and_errors(app):
+    """generate_stream's tokens add up to the whole answer; do_sample with a seed samples as the OpenAI route does;
+    what has no counterpart here is a 422 naming the field, in LoRAX's error shape, and the server keeps serving."""
+    import lorax
+
+    client = lorax.Client(BASE_URL, timeout=60)
+    whole = client.generate("zebra=", adapter_id="flora-r2", max_new_tokens=10, return_full_text=True)
+    events = list(client.generate_stream("zebra=", adapter_id="flora-r2", max_new_tokens=10, return_full_text=True))
+    assert whole.generated_text.startswith("zebra=") and events[-1].generated_text == whole.generated_text
+    assert all(e.generated_text is None and e.details is None for e in events[:-1])
+    assert "zebra=" + "".join(e.token.text for e in events if not e.token.special) == whole.generated_text
+    assert events[-1].details.generated_tokens == len(events)
+    raw = httpx.post(f"{BASE_URL}/generate_stream", timeout=60, json={"inputs": "zebra=", "parameters": {
+        "adapter_id": "flora-r2", "max_new_tokens": 10}})
+    assert raw.status_code == 200 and "[DONE]" not in raw.text  # LoRAX's stream has no OpenAI terminator
+
+    sampled = [client.generate("hello=", adapter_id="lora-r2", do_sample=True, seed=11, max_new_tokens=8).generated_text
+               for _ in range(2)]
+    openai_sampled = httpx.post(f"{BASE_URL}/v1/completions", timeout=60, json={
+        "model": "lora-r2", "prompt": "hello=", "temperature": 1.0, "seed": 11, "max_tokens": 8}).json()
+    assert sampled[0] == sampled[1] == openai_sampled["choices"][0]["text"]
+
+    with pytest.raises(lorax.errors.NotFoundError):
+        client.generate("x=", adapter_id="no-such-adapter")
+    with pytest.raises(lorax.errors.ValidationError, match="max_new_tokens"):
+        client.generate("x=", adapter_id="lora-r2", max_new_tokens=500)
+    for parameters, field in [({"typical_p": 0.5}, "typical_p"), ({"adapter_source": "hub"}, "adapter_source"),
+                              ({"merged_adapters": {"ids": ["lora-r2"], "weights": [1.0]}}, "merged_adapters"),
+                              ({"max_new_tokenz": 3}, "max_new_tokenz"), ({"truncate": 0}, "truncate")]:
+        refused = httpx.post(f"{BASE_URL}/generate", json={"inputs": "x=", "parameters": parameters}, timeout=30)
+        assert refused.status_code == 422 and refused.json()["error_type"] == "validation", refused.text
+        assert field in refused.json()["error"]
+    assert client.generate("x=", adapter_id="lora-r2", max_new_tokens=2).details.generated_tokens == 2
+    assert httpx.post(f"{BASE_URL}/generate", json={"inputs": "x=", "parameters": {"max_new_tokens": 2}},
+                      timeout=30).json()["details"] is None  # details only when asked for
+
+
 PENALIZED = [  # (model, penalties): each changes that model's greedy answer to "aaaa="
     ("lora-r8", {"frequency_penalty": 1.5}),
     ("flora-r1", {"presence_penalty": 1.0, "repetition_penalty": 1.5}),
