@@ -212,16 +212,16 @@ class FloraIngress:
         fmt.check_token_ids(body.tokens, self.vocab_size, "tokens")
         return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
 
-    @app.post("/generate")
+    @app.post("/generate", openapi_extra=lorax.openapi_body())
     async def lorax_generate(self, request: Request):
         """LoRAX's (TGI's) generate: {"inputs", "parameters": {"adapter_id", ...}}."""
         return await self._lorax(request, stream=False)
 
-    @app.post("/generate_stream")
+    @app.post("/generate_stream", openapi_extra=lorax.openapi_body())
     async def lorax_generate_stream(self, request: Request):
         return await self._lorax(request, stream=True)
 
-    @app.post("/")
+    @app.post("/", openapi_extra=lorax.openapi_body())
     async def lorax_client_route(self, request: Request):
         """What `lorax.Client` posts to: the body's `stream` picks the stream, else a list of one answer."""
         return await self._lorax(request, stream=None)

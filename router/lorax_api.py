@@ -72,12 +72,29 @@ class LoraxRequest(BaseModel):
     stream: bool = False
 
 
+def openapi_body() -> dict:
+    """The routes' request body for GET /openapi.json (they read the body themselves, to answer in LoRAX's shapes)."""
+    schema = LoraxRequest.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            return inline(definitions[node["$ref"].rsplit("/", 1)[-1]]) if "$ref" in node else {
+                key: inline(value) for key, value in node.items()}
+        return [inline(value) for value in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 def parse_request(raw: bytes) -> LoraxRequest:
     """The body, or a 400 naming the first field at fault."""
     try:
-        return LoraxRequest.model_validate(json.loads(raw or b"null"))
-    except json.JSONDecodeError as error:
-        raise bad_request(f"the body is not JSON ({error.msg}); send {{\"inputs\": ..., \"parameters\": {{...}}}}")
+        data = json.loads(raw or b"null")
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise bad_request(f"the body is not JSON ({error}); send {{\"inputs\": ..., \"parameters\": {{...}}}}",
+                          None) from None
+    try:
+        return LoraxRequest.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
         field = next((str(p) for p in reversed(first["loc"]) if isinstance(p, str)), None)
@@ -109,8 +126,13 @@ def completion_body(body: LoraxRequest, model: str) -> CompletionRequest:
                               "response_format")
         fields["response_format"] = (ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(
             schema=p.response_format.schema_)) if p.response_format.schema_ else ResponseFormat(type="json_object"))
-    return CompletionRequest(model=model, prompt=body.inputs, stop=p.stop or None, ignore_eos=p.ignore_eos_token,
-                             **fields)
+    try:
+        return CompletionRequest(model=model, prompt=body.inputs, stop=p.stop or None,
+                                 ignore_eos=p.ignore_eos_token, **fields)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = next((str(part) for part in first["loc"] if isinstance(part, str)), None)
+        raise bad_request(f"{first['msg']}", LORAX_FIELDS.get(field, field)) from None
 
 
 def lorax_error(error: ApiError) -> ApiError:
