@@ -212,16 +212,16 @@ class FloraIngress:
         fmt.check_token_ids(body.tokens, self.vocab_size, "tokens")
         return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
 
-    @app.post("/generate", openapi_extra=lorax.openapi_body())
+    @app.post("/generate", openapi_extra=lorax.OPENAPI_BODY)
     async def lorax_generate(self, request: Request):
         """LoRAX's (TGI's) generate: {"inputs", "parameters": {"adapter_id", ...}}."""
         return await self._lorax(request, stream=False)
 
-    @app.post("/generate_stream", openapi_extra=lorax.openapi_body())
+    @app.post("/generate_stream", openapi_extra=lorax.OPENAPI_BODY)
     async def lorax_generate_stream(self, request: Request):
         return await self._lorax(request, stream=True)
 
-    @app.post("/", openapi_extra=lorax.openapi_body())
+    @app.post("/", openapi_extra=lorax.OPENAPI_BODY)
     async def lorax_client_route(self, request: Request):
         """What `lorax.Client` posts to: the body's `stream` picks the stream, else a list of one answer."""
         return await self._lorax(request, stream=None)
@@ -244,9 +244,9 @@ class FloraIngress:
     async def _lorax_job(self, body: "lorax.LoraxRequest", model: str, streaming: bool) -> ReplicaRequest:
         completion = lorax.completion_body(body, model)
         adapter = await self._adapter_ref(model)
-        ids = fmt.tokenize_prompt(self.tokenizer, body.inputs, self.vocab_size, self.max_prompt_chars)
-        ids = ids[-body.parameters.truncate:] if body.parameters.truncate else ids
         p = body.parameters
+        ids = fmt.tokenize_prompt(self.tokenizer, body.inputs, self.vocab_size, self.max_prompt_chars)
+        ids = ids[-p.truncate:] if p.truncate else ids
         tokens_shown = p.details or p.decoder_input_details or streaming  # each shown token has its logprob
         logprobs = (p.return_k_alternatives or 0) if tokens_shown else None
         params = fmt.sampling_params(completion, len(ids), self.settings.max_model_len,
@@ -267,7 +267,7 @@ class FloraIngress:
                         finals[index] = output
 
         return self._sse_response(model, admission, chunks(), finals, done=None,
-                                  error_event=lambda error: fmt.sse(lorax.error_body(lorax.lorax_error(error))))
+                                  error_event=lambda error: fmt.sse(lorax.error_body(error)))
 
     @app.get("/v1/adapters")
     async def list_adapters(self) -> dict:

@@ -18,9 +18,9 @@ from flora_core.request_output import RequestOutput, TokenLogprob
 from router.errors import ApiError, bad_request
 from router.protocol import CompletionRequest, JsonSchemaFormat, ResponseFormat
 
-# LoRAX's field for each OpenAI field a refusal may name
+# LoRAX's name for each OpenAI field a refusal's message may name
 LORAX_FIELDS = {"max_tokens": "max_new_tokens", "ignore_eos": "ignore_eos_token", "logprobs": "return_k_alternatives",
-                "stop": "stop", "prompt": "inputs", "model": "adapter_id"}
+                "prompt": "inputs"}
 _ERROR_TYPES = {400: "validation", 404: "not_found", 429: "overloaded", 503: "overloaded"}
 _DETOKENIZE_WINDOW = 5  # tokens of left context when decoding one token's text
 
@@ -72,7 +72,7 @@ class LoraxRequest(BaseModel):
     stream: bool = False
 
 
-def openapi_body() -> dict:
+def _openapi_body() -> dict:
     """The routes' request body for GET /openapi.json (they read the body themselves, to answer in LoRAX's shapes)."""
     schema = LoraxRequest.model_json_schema()
     definitions = schema.pop("$defs", {})
@@ -96,9 +96,14 @@ def parse_request(raw: bytes) -> LoraxRequest:
     try:
         return LoraxRequest.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        field = next((str(p) for p in reversed(first["loc"]) if isinstance(p, str)), None)
-        raise bad_request(f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}", field) from None
+        raise _refusal(error) from None
+
+
+def _refusal(error: ValidationError) -> ApiError:
+    """A 400 for pydantic's first complaint, naming its innermost field."""
+    first = error.errors()[0]
+    field = next((str(part) for part in reversed(first["loc"]) if isinstance(part, str)), None)
+    return bad_request(f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}", field)
 
 
 def completion_body(body: LoraxRequest, model: str) -> CompletionRequest:
@@ -130,30 +135,21 @@ def completion_body(body: LoraxRequest, model: str) -> CompletionRequest:
         return CompletionRequest(model=model, prompt=body.inputs, stop=p.stop or None,
                                  ignore_eos=p.ignore_eos_token, **fields)
     except ValidationError as error:
-        first = error.errors()[0]
-        field = next((str(part) for part in first["loc"] if isinstance(part, str)), None)
-        raise bad_request(f"{first['msg']}", LORAX_FIELDS.get(field, field)) from None
-
-
-def lorax_error(error: ApiError) -> ApiError:
-    """The ApiError with LoRAX's field names in its message and param."""
-    param = LORAX_FIELDS.get(error.param, error.param) if error.param else None
-    message = error.message
-    for ours, theirs in LORAX_FIELDS.items():
-        if ours != theirs and error.param == ours:
-            message = message.replace(ours, theirs)
-    return ApiError(error.status, message, error.type, param, error.code)
+        raise _refusal(error) from None
 
 
 def error_body(error: ApiError) -> dict:
-    """LoRAX's error body: `lorax.Client` raises by error_type (validation, overloaded, generation)."""
-    return {"error": error.message, "error_type": _ERROR_TYPES.get(error.status, "generation")}
+    """LoRAX's error body: `lorax.Client` raises by error_type (validation, overloaded, generation). The message
+    names the field at fault by LoRAX's name (max_new_tokens, not max_tokens)."""
+    theirs = LORAX_FIELDS.get(error.param)
+    message = error.message if theirs is None else error.message.replace(error.param, theirs)
+    return {"error": message, "error_type": _ERROR_TYPES.get(error.status, "generation")}
 
 
 def error_response(error: ApiError) -> JSONResponse:
     status = 422 if error.status == 400 else error.status  # TGI and LoRAX answer invalid input with 422
     headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return JSONResponse(status_code=status, content=error_body(lorax_error(error)), headers=headers)
+    return JSONResponse(status_code=status, content=error_body(error), headers=headers)
 
 
 def token_texts(tokenizer, ids: Sequence[int], start: int) -> list[str]:
@@ -220,14 +216,15 @@ def stream_events(tokenizer, body: LoraxRequest, output: RequestOutput, seed: Op
     """LoRAX's StreamResponse of each token new in this output; the last one of a finished request
     carries the whole text and the details."""
     start = len(output.token_ids) - len(output.delta_token_ids)
-    items = output.delta_logprobs or ()
-    if output.finished and not output.delta_token_ids and output.token_ids:  # end news with no new token
-        start, items = len(output.token_ids) - 1, (output.logprobs or ())[-1:]
+    alternatives = bool(body.parameters.return_k_alternatives)
     events = [{"token": token, "generated_text": None, "details": None}
-              for token in tokens(tokenizer, output, start, items, bool(body.parameters.return_k_alternatives))]
+              for token in tokens(tokenizer, output, start, output.delta_logprobs or (), alternatives)]
     if output.finished and events:
         events[-1]["generated_text"] = generated_text(body, output)
         events[-1]["details"] = {"finish_reason": finish_reason(tokenizer, output),
                                  "prompt_tokens": len(output.prompt_token_ids),
                                  "generated_tokens": len(output.token_ids), "seed": seed}
     return events
+
+
+OPENAPI_BODY = _openapi_body()  # made once, for the three routes
