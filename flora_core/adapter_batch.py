@@ -35,7 +35,11 @@ class Segment:
 
 @dataclass(frozen=True)
 class SlotRows:
-    """The tokens of one adapter kind, sorted by slot (stable, so token order within a slot holds)."""
+    """The tokens of one adapter kind, sorted by slot (stable, so token order within a slot holds).
+
+    A `token_order` view holds them in batch order instead; only bmm-like strategies take it (its
+    segments are runs, so a slot can have several), and it is never subset.
+    """
 
     token_index: torch.Tensor  # [n] long: positions in the flattened [T] batch
     slots: torch.Tensor  # [n] long: the slot of each of those tokens
@@ -44,6 +48,10 @@ class SlotRows:
     distinct_slots: tuple[int, ...]  # the slots of the segments, in order (read by every layer)
     chunk_length: int  # L: the largest length that divides every segment's (1 if none)
     chunk_slots: torch.Tensor  # [n / L] long: the slot of each run of L sorted tokens (one slot each)
+    # The same tokens in the batch's own order, where they are all T tokens but their sorted order is not
+    # the batch's: a bmm over them needs no gather of the activations and no scatter of its result.
+    # Its segments are runs in batch order (a slot may have several); None where it would not differ.
+    token_order: "SlotRows | None" = None
     _subsets: dict = field(default_factory=dict, compare=False, repr=False)  # memo of subset()
 
     @property
@@ -74,6 +82,7 @@ class SlotRows:
                             segments=tuple(segments),
                             covers_all_tokens=start == self.num_tokens and self.covers_all_tokens,
                             distinct_slots=tuple(s.slot for s in segments), **_chunks(segments, kept_slots))
+            # no token_order: a subset leaves out some tokens, so it is never all T of them
             self._subsets[slots] = rows
         return rows
 
@@ -138,14 +147,9 @@ def _slot_rows(mask: torch.Tensor, token_slot: torch.Tensor, device: torch.devic
     slots = token_slot[token_index]
     order = torch.argsort(slots, stable=True)
     token_index, slots = token_index[order], slots[order]
-    distinct, counts = torch.unique_consecutive(slots, return_counts=True)
-    segments, start = [], 0
-    for slot, length in zip(distinct.tolist(), counts.tolist()):
-        segments.append(Segment(slot=slot, start=start, length=length))
-        start += length
-    covers_all = token_index.shape[0] == mask.shape[0] and bool(
-        torch.equal(token_index, torch.arange(mask.shape[0]))
-    )
+    segments = _runs(slots)
+    every_token = token_index.shape[0] == mask.shape[0]
+    covers_all = every_token and bool(torch.equal(token_index, torch.arange(mask.shape[0])))
     slots = slots.to(device)
     return SlotRows(
         token_index=token_index.to(device),
@@ -153,8 +157,28 @@ def _slot_rows(mask: torch.Tensor, token_slot: torch.Tensor, device: torch.devic
         segments=tuple(segments),
         covers_all_tokens=covers_all,
         distinct_slots=tuple(segment.slot for segment in segments),
+        token_order=_in_token_order(token_slot, device) if every_token and not covers_all else None,
         **_chunks(segments, slots),
     )
+
+
+def _in_token_order(token_slot: torch.Tensor, device: torch.device) -> SlotRows:
+    """Every token ([T] slots, none -1) in batch order, cut into runs of one slot: SlotRows.token_order."""
+    segments = _runs(token_slot)
+    slots = token_slot.to(device)
+    return SlotRows(token_index=torch.arange(token_slot.shape[0], device=device), slots=slots, segments=tuple(segments),
+                    covers_all_tokens=True, distinct_slots=tuple(segment.slot for segment in segments),
+                    **_chunks(segments, slots))
+
+
+def _runs(slots: torch.Tensor) -> tuple[Segment, ...]:
+    """The runs of equal consecutive entries of slots ([n] long, on the host) as Segments."""
+    values, counts = torch.unique_consecutive(slots, return_counts=True)
+    segments, start = [], 0
+    for slot, length in zip(values.tolist(), counts.tolist()):
+        segments.append(Segment(slot=slot, start=start, length=length))
+        start += length
+    return tuple(segments)
 
 
 def _chunks(segments: Sequence[Segment], slots: torch.Tensor) -> dict:

@@ -43,6 +43,7 @@ class LayerPlan:
     ia3_out: bool  # ... or its output
     lora_rank: int  # largest rank among the batch's LoRA slots in this layer; 0 = no LoRA work
     lora_strategy: str | None  # a name in batched_ops.LORA_STRATEGIES when lora_rank > 0
+    lora_rows: SlotRows | None  # the LoRA tokens the strategy runs over: sorted, or in batch order for bmm
     flora_groups: tuple[tuple[int, SlotRows], ...]  # (rank, its tokens); () = no FLoRA slot targets it
     dora_rows: SlotRows | None = None  # the LoRA tokens whose slot is DoRA in this layer; None = none
 
@@ -57,14 +58,27 @@ def layer_plan(table: SlotTable, batch: AdapterBatch) -> LayerPlan:
 
 def _build_plan(table: SlotTable, batch: AdapterBatch) -> LayerPlan:
     lora_rank = max((table.lora_rank[slot] for slot in batch.lora.distinct_slots), default=0)
+    strategy = pick_lora_strategy(batch.lora, lora_rank, table.width) if lora_rank else None
     return LayerPlan(
         ia3_in=any(table.ia3_in[slot] for slot in batch.ia3.distinct_slots),
         ia3_out=any(table.ia3_out[slot] for slot in batch.ia3.distinct_slots),
         lora_rank=lora_rank,
-        lora_strategy=pick_lora_strategy(batch.lora, lora_rank, table.width) if lora_rank else None,
+        lora_strategy=strategy,
+        lora_rows=_lora_rows(batch.lora, strategy),
         flora_groups=_flora_rank_groups(table.flora_rank, batch.flora),
         dora_rows=_dora_rows(table.lora_dora, batch.lora),
     )
+
+
+def _lora_rows(rows: SlotRows, strategy: str | None) -> SlotRows | None:
+    """The LoRA tokens in batch order where bmm runs on no more chunks that way (decode, a [B, S] prefill
+    of every row's own adapter): no gather, no scatter. Sorted otherwise; None with no LoRA work."""
+    if strategy is None:
+        return None
+    in_order = rows.token_order
+    if strategy == "bmm" and in_order is not None and in_order.num_chunks <= rows.num_chunks:
+        return in_order
+    return rows
 
 
 def _dora_rows(slot_is_dora: tuple[bool, ...], rows: SlotRows) -> SlotRows | None:

@@ -208,10 +208,10 @@ class MultiAdapterLinear(nn.Module):
         if plan.ia3_in:
             tokens = ia3_scale(tokens, self.ia3_in, batch.ia3)
         y = self._base_or_flora(tokens, batch, plan)
-        if plan.lora_rank:
-            strategy = lora_strategy(plan.lora_strategy)
-            delta = strategy(tokens, self.lora_a, self.lora_b, batch.lora, plan.lora_rank)
-            y = y + delta if batch.lora.covers_all_tokens else y.index_add(0, batch.lora.token_index, delta)
+        if plan.lora_rows is not None:
+            rows = plan.lora_rows
+            delta = lora_strategy(plan.lora_strategy)(tokens, self.lora_a, self.lora_b, rows, plan.lora_rank)
+            y = y + delta if rows.covers_all_tokens else y.index_add(0, rows.token_index, delta)
         if plan.dora_rows is not None:
             y = self._dora_rescale(y, plan.dora_rows)
         if plan.ia3_out:

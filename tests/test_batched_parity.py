@@ -305,6 +305,31 @@ def test_bmm_gathers_one_adapter_per_chunk_of_uneven_rows():
     assert_visible_effect(ref, base_ref, [i for i, n in rows for _ in range(n)], torch.float32)
 
 
+@pytest.mark.parametrize(("rows", "in_batch_order"), [
+    ([(2, 1), (0, 1), (1, 1), (0, 1), (3, 1)], True),  # decode, interleaved: one chunk per token either way
+    ([(1, 3), (0, 3), (2, 3)], True),  # a [B, S] prefill, every row its own adapter: one chunk per row
+    ([(0, 1), (1, 2), (0, 1)], False),  # sorting cuts 2 chunks of 2 where batch order cuts 4
+    ([(1, 1), None, (0, 1)], False),  # a base row: the LoRA tokens are not all of the batch
+])
+def test_bmm_takes_the_batch_order_where_it_cuts_no_more_chunks(rows, in_batch_order):
+    """bmm over the tokens in batch order needs no gather of x and no scatter of its result; it is
+    taken where it cuts no more chunks than the sorted tokens, and every token keeps its own adapter."""
+    layer = make_layer("linear", torch.float32, CAPACITY)
+    adapters = adapter_set("lora", 8)
+    slots = load_into_slots(layer, adapters)
+    rows = [row or (None, 1) for row in rows]
+    x = torch.randn(sum(n for _, n in rows), D_IN)
+    with mock.patch.object(layer_plan, "pick_lora_strategy", lambda rows, rank, width: "bmm"):
+        out, ref, batch = run_packed(layer, slots, adapters, rows, x)
+        plan = layer_plan.layer_plan(layer.slot_table, batch)
+    assert plan.lora_rows is (batch.lora.token_order if in_batch_order else batch.lora)
+    if in_batch_order:
+        assert plan.lora_rows.covers_all_tokens and plan.lora_rows.num_chunks == batch.lora.num_chunks
+    assert_close_to_reference(out, ref, torch.float32)
+    base_ref = run_packed(layer, slots, adapters, [(None, n) for _, n in rows], x)[1]
+    assert_visible_effect(ref, base_ref, [i for i, n in rows for _ in range(n)], torch.float32)
+
+
 def linear_shapes(layers) -> dict[str, tuple[int, int]]:
     return {name: (layer.d_in, layer.d_out) for name, layer in layers.items()}
 
