@@ -58,17 +58,18 @@ class AdapterRoot:
                 )
         return real
 
-    def name_of(self, path: str) -> str:
+    def name_of(self, path: str, field: str = "lora_path") -> str:
         """The name of the adapter folder at `path` (absolute, or relative to the root), after `resolve`'s checks;
-        ValueError unless that folder sits directly under the root."""
+        ValueError, its message opening with `field` (the request's field that gave the path), unless that
+        folder sits directly under the root."""
         given = Path(os.path.normpath(Path(self.root, path)))  # an absolute path replaces the root
         if Path(os.path.realpath(given.parent)) != self._real_root:
-            raise ValueError(f"lora_path {path!r} is not a folder directly under the adapter root; copy the adapter "
+            raise ValueError(f"{field} {path!r} is not a folder directly under the adapter root; copy the adapter "
                              "into adapter_dir and pass its folder (absolute, or relative to adapter_dir)")
         try:
             self.resolve(given.name)
         except ValueError as error:
-            raise ValueError(f"lora_path {path!r}: {error}") from error
+            raise ValueError(f"{field} {path!r}: {error}") from error
         return given.name
 
     def relative(self, message: str) -> str:

@@ -102,6 +102,22 @@ class AdapterCatalog:
             self._remerge(merge)
         return entry
 
+    def served_at(self, path: str) -> CatalogEntry | str:
+        """The served adapter in the folder at `path` (absolute, or relative to the root), as LoRAX's
+        `adapter_source: "local"` names adapters; or the reason there is none, a message naming the fix
+        that opens with "adapter_id"."""
+        if self.root is None:
+            return "adapter_id names a local folder, but this application has no adapter_dir; set adapter_dir"
+        try:
+            name = self.root.name_of(path, field="adapter_id")
+        except ValueError as error:
+            return self.root.relative(str(error))
+        entry = self._entries.get(name)
+        if entry is None:
+            return (f"adapter_id {path!r}: the adapter folder {name!r} is not served; load it first "
+                    "(POST /v1/adapters/load, with enable_adapter_management: true)")
+        return entry
+
     def merge(self, name: str, recipe: Recipe) -> CatalogEntry | str:
         """Serve `name` as the weighted merge of served adapter folders (recipe: (name, weight) pairs).
 

@@ -1,75 +1,43 @@
 """The OpenAI-compatible ingress: validate, translate, batch across adapters, stream back.
 
-Every completion becomes one ReplicaRequest per (prompt, choice). Concurrent requests, whatever
-their adapters, are grouped by `@serve.batch` (max_batch_size, batch_wait_timeout_s,
-max_concurrent_batches from the config) and each group goes to one replica in ONE call, chosen
-by router.adapter_router; the replica runs them in one engine, each row with its own adapter.
+Every completion becomes one ReplicaRequest per (prompt, choice), and router.replica_dispatch
+sends them to the replicas in `@serve.batch` groups, whatever their adapters; the routes here
+validate, translate to and from the core's types, and stream answers back (SSE). LoRAX's and
+vLLM's own routes translate into the same requests.
 """
 
 
 import asyncio
-import hmac
-import logging
-import re
 import time
 import uuid
 from contextlib import ExitStack, aclosing, contextmanager
 from typing import AsyncIterator, Callable, Iterator, Optional
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException
 from transformers import AutoConfig, AutoTokenizer
 
 from flora_core.request_output import RequestOutput
 from router import lorax_api as lorax
 from router import openai_format as fmt
-from router.catalog import CatalogEntry, CatalogSnapshot
-from router.errors import ApiError, bad_request, error_for_exception, error_for_status, overloaded, unknown_model
+from router.catalog import CatalogSnapshot
+from router.errors import ApiError, bad_request, overloaded, unknown_model
 from router.handle_api import GenerateChunk, GenerateRequest, GenerateResponse, GenerateUsage
+from router.http_app import app
 from router.messages import AdapterRef, ReplicaRequest
+from router.management_routes import AdapterManagementRoutes
 from router.metrics import CLIENT_CLOSED, UNKNOWN_ADAPTER, IngressMetrics
-from router.protocol import (AdapterMerge, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
-                             ChatCompletionResponse, ChatDelta, ChatMessageOut, ChatStreamChoice, CompletionRequest,
-                             CompletionResponse, DetokenizeRequest, DetokenizeResponse, LoadAdapterRequest,
-                             LoadLoraAdapterRequest, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
-                             UnloadLoraAdapterRequest)
+from router.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                             ChatDelta, ChatMessageOut, ChatStreamChoice, CompletionRequest, CompletionResponse,
+                             DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest,
+                             TokenizeResponse)
+from router.replica_dispatch import ReplicaDispatch, new_job
 from router.settings import IngressSettings
 
-logger = logging.getLogger("ray.serve")
 CATALOG_TTL_S = 1.0  # how stale the ingress's copy of the adapter catalog may get
 MAX_CHOICES = 64  # n x prompts per request
-
-app = FastAPI(title="flora-serve", description="One base model, many adapters, one batch: OpenAI-compatible API.")
-
-
-@app.exception_handler(RequestValidationError)
-async def _invalid_body(_request: Request, error: RequestValidationError) -> JSONResponse:
-    first = error.errors()[0] if error.errors() else {}
-    location = [str(p) for p in first.get("loc", ()) if p != "body" and not isinstance(p, int)]
-    message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-                        for e in error.errors())
-    return bad_request(f"Invalid request: {message}", location[0] if location else None).response()
-
-
-@app.exception_handler(ApiError)
-async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
-    return error.response()
-
-
-@app.exception_handler(HTTPException)
-async def _http_error(_request: Request, error: HTTPException) -> JSONResponse:
-    """FastAPI's own refusals (unknown route, wrong method, a body it cannot parse) in OpenAI's format."""
-    return error_for_status(error.status_code, str(error.detail)).response()
-
-
-@app.exception_handler(Exception)
-async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
-    logger.exception("flora ingress: unexpected error")
-    return error_for_exception(error).response()
 
 
 def _logprob_dicts(items) -> Optional[list]:
@@ -80,20 +48,10 @@ def _logprob_dicts(items) -> Optional[list]:
             for t in items]
 
 
-def _entry_dict(entry: CatalogEntry) -> dict:
-    """A catalog entry as GET /v1/adapters lists it; a merge names its components and weights."""
-    return {**vars(entry), "merged_from": [{"adapter": name, "weight": weight} for name, weight in entry.merged_from]}
-
-
-def _merge_param(message: str) -> str:
-    """The field a refused merge is about: the first word of the catalog's message (AdapterCatalog.merge)."""
-    field = re.match(r"(name|weights)\b", message)
-    return field.group(1) if field else "adapters"
-
-
 @serve.ingress(app)
-class FloraIngress:
-    """See the module docstring. Deployed by deploy.app.build_app."""
+class FloraIngress(AdapterManagementRoutes):
+    """See the module docstring; the adapter management routes come from AdapterManagementRoutes.
+    Deployed by deploy.app.build_app."""
 
     def __init__(self, settings: IngressSettings, replica: DeploymentHandle, catalog: DeploymentHandle) -> None:
         self.settings = settings
@@ -103,15 +61,10 @@ class FloraIngress:
         self.vocab_size = AutoConfig.from_pretrained(settings.model_path).get_text_config().vocab_size
         self.max_prompt_chars = settings.max_prompt_chars or fmt.prompt_chars_bound(self.tokenizer,
                                                                                    settings.max_model_len)
-        self._dispatch = serve.batch(max_batch_size=settings.max_batch_size,
-                                     batch_wait_timeout_s=settings.batch_wait_timeout_s,
-                                     max_concurrent_batches=settings.max_concurrent_batches)(self._dispatch_batch)
         self._catalog: Optional[CatalogSnapshot] = None
         self._catalog_at = 0.0
-        self._in_flight = 0
-        self._replica_of: dict[str, str] = {}  # request id -> the replica running it
-        self._seen_replicas: set[str] = set()
         self.metrics = IngressMetrics()
+        self.dispatch = ReplicaDispatch(settings, replica, self.metrics)
 
     # ------------------------------------------------------------------ HTTP routes
 
@@ -157,7 +110,7 @@ class FloraIngress:
                 params = fmt.sampling_params(body, len(ids), self.settings.max_model_len,
                                              self.settings.default_max_tokens, body.logprobs, len(jobs),
                                              prompt_logprobs)
-                jobs.append(self._job(ids, params, adapter))
+                jobs.append(new_job(ids, params, adapter))
                 echoes.append(echo)
         if body.stream:
             return await self._stream_completion(body, jobs, echoes, prompt_lens, echo_only)
@@ -181,7 +134,7 @@ class FloraIngress:
         ids = fmt.chat_prompt_ids(self.tokenizer, body.messages, self.max_prompt_chars)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         prompt_logprobs = fmt.prompt_logprobs_param(body)
-        jobs = [self._job(ids, fmt.sampling_params(body, len(ids), self.settings.max_model_len,
+        jobs = [new_job(ids, fmt.sampling_params(body, len(ids), self.settings.max_model_len,
                                                    self.settings.default_max_tokens, logprobs, i, prompt_logprobs),
                           adapter)
                 for i in range(body.n)]
@@ -229,7 +182,7 @@ class FloraIngress:
     async def _lorax(self, request: Request, stream: Optional[bool]):
         try:
             body = lorax.parse_request(await request.body())
-            model = body.parameters.adapter_id or self.settings.served_model_name
+            model = await self._lorax_model(body.parameters)
             streaming = body.stream if stream is None else stream
             with self._refusals_counted(model):
                 job = await self._lorax_job(body, model, streaming)
@@ -240,6 +193,17 @@ class FloraIngress:
             return lorax.error_response(error)
         answer = lorax.response(self.tokenizer, body, output, job.params.seed)
         return JSONResponse([answer] if stream is None else answer)
+
+    async def _lorax_model(self, p: "lorax.LoraxParameters") -> str:
+        """The model a LoRAX body names: adapter_id, the served adapter in the folder adapter_id points to
+        (adapter_source 'local'), or with no adapter_id the base model."""
+        lorax.check_adapter_source(p)
+        if p.adapter_source == "local" and p.adapter_id:
+            found = await self.catalog.served_at.remote(p.adapter_id)
+            if isinstance(found, str):
+                raise bad_request(found, "adapter_id")
+            return found.name
+        return p.adapter_id or self.settings.served_model_name
 
     async def _lorax_job(self, body: "lorax.LoraxRequest", model: str, streaming: bool) -> ReplicaRequest:
         completion = lorax.completion_body(body, model)
@@ -252,14 +216,14 @@ class FloraIngress:
         params = fmt.sampling_params(completion, len(ids), self.settings.max_model_len,
                                      self.settings.default_max_tokens, logprobs, 0,
                                      0 if p.decoder_input_details else None)
-        return self._job(ids, params, adapter)
+        return new_job(ids, params, adapter)
 
     async def _stream_lorax(self, body: "lorax.LoraxRequest", job: ReplicaRequest, model: str) -> StreamingResponse:
-        admission, started = await self._start_streams([job])
+        admission, started = await self.dispatch.start_streams([job])
         finals = {}
 
         async def chunks() -> AsyncIterator[str]:
-            async with aclosing(self._merged(started)) as merged:
+            async with aclosing(self.dispatch.merged(started)) as merged:
                 async for index, output in merged:
                     for event in lorax.stream_events(self.tokenizer, body, output, job.params.seed):
                         yield fmt.sse(event)
@@ -268,61 +232,6 @@ class FloraIngress:
 
         return self._sse_response(model, admission, chunks(), finals, done=None,
                                   error_event=lambda error: fmt.sse(lorax.error_body(error)))
-
-    @app.get("/v1/adapters")
-    async def list_adapters(self) -> dict:
-        snapshot = await self._snapshot(refresh=True)
-        return {"object": "list", "data": [_entry_dict(e) for e in sorted(snapshot.entries.values(),
-                                                                         key=lambda e: e.name)]}
-
-    @app.post("/v1/adapters/load")
-    async def load_adapter(self, body: LoadAdapterRequest, request: Request) -> dict:
-        self._check_management(request)
-        result = await self.catalog.load.remote(body.name)
-        if isinstance(result, str):
-            raise bad_request(result, "name")
-        await self._snapshot(refresh=True)
-        return {"loaded": _entry_dict(result)}
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(self, body: LoadLoraAdapterRequest, request: Request) -> PlainTextResponse:
-        """vLLM's route: the same load as /v1/adapters/load, answered as vLLM answers."""
-        self._check_management(request)
-        if not body.load_inplace and body.lora_name in (await self._snapshot(refresh=True)).entries:
-            raise bad_request(f"The lora adapter {body.lora_name!r} has already been loaded; pass load_inplace=true "
-                              "to read it again", "lora_name")
-        result = await self.catalog.load.remote(body.lora_name, body.lora_path)
-        if isinstance(result, str):
-            raise bad_request(result, "lora_path" if result.startswith("lora_path") else "lora_name")
-        await self._snapshot(refresh=True)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(self, body: UnloadLoraAdapterRequest, request: Request) -> PlainTextResponse:
-        self._check_management(request)
-        if not await self.catalog.unload.remote(body.lora_name):
-            raise ApiError(404, f"The lora adapter {body.lora_name!r} cannot be found.", "not_found_error",
-                           "lora_name")
-        await self._snapshot(refresh=True)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
-
-    @app.post("/v1/adapters/merge")
-    async def merge_adapters(self, body: AdapterMerge, request: Request) -> dict:
-        self._check_management(request)
-        result = await self.catalog.merge.remote(body.name, body.recipe())
-        if isinstance(result, str):
-            raise bad_request(result, _merge_param(result))
-        await self._snapshot(refresh=True)
-        return {"merged": _entry_dict(result)}
-
-    @app.post("/v1/adapters/unload")
-    async def unload_adapter(self, body: LoadAdapterRequest, request: Request) -> dict:
-        self._check_management(request)
-        removed = await self.catalog.unload.remote(body.name)
-        if not removed:
-            raise unknown_model(body.name, "It is not loaded; GET /v1/adapters lists what is.")
-        await self._snapshot(refresh=True)
-        return {"unloaded": body.name, "merges_unloaded": removed[1:]}
 
     # ------------------------------------------------------------------ Python handle API
 
@@ -339,14 +248,14 @@ class FloraIngress:
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         job, adapter_name = await self._handle_job(request)
-        with self._admitted(1):
-            async for output in self._outputs(job):
+        with self.dispatch.admitted(1):
+            async for output in self.dispatch.outputs(job):
                 yield GenerateChunk(delta_text=output.delta_text, delta_token_ids=list(output.delta_token_ids),
                                     finish_reason=fmt._finish(output) if output.finished else None)
 
     async def replica_stats(self) -> list[dict]:
         """Engine and pool counters of every replica this ingress has dispatched to (for operators)."""
-        replicas = sorted(set(self._seen_replicas))
+        replicas = sorted(self.dispatch.seen_replicas)
         return list(await asyncio.gather(*(self.replica.stats.remote(target_replica=r) for r in replicas)))
 
     async def _handle_job(self, request: GenerateRequest) -> tuple[ReplicaRequest, str]:
@@ -364,159 +273,23 @@ class FloraIngress:
             if error.status == 404:
                 raise KeyError(error.message) from None
             raise ValueError(f"GenerateRequest.{error.param or 'body'}: {error.message}") from None
-        return self._job(ids, params, adapter), name
+        return new_job(ids, params, adapter), name
 
-    # ------------------------------------------------------------------ dispatch
-
-    def _job(self, ids: list[int], params, adapter: Optional[AdapterRef]) -> ReplicaRequest:
-        return ReplicaRequest(request_id=uuid.uuid4().hex, prompt_token_ids=tuple(ids), params=params,
-                              adapter=adapter)
-
-    async def _dispatch_batch(self, requests: list[ReplicaRequest]) -> AsyncIterator[list]:
-        """@serve.batch body: send the whole group to one replica, fan its per-step events back out."""
-        self.metrics.record_batch([r.adapter.name if r.adapter else "" for r in requests])
-        stream = self.replica.options(stream=True).generate_batch.remote(requests)
-        done = [False] * len(requests)
-        async for item in stream:
-            if isinstance(item, str):  # the replica's id comes first
-                self._seen_replicas.add(item)
-                for request in requests:
-                    self._replica_of[request.request_id] = item
-                continue
-            batch, newly_done = [], False
-            for i, events in enumerate(item):
-                batch.append(StopIteration if done[i] else events)
-                if not done[i] and any(event.finished for event in events):
-                    done[i] = newly_done = True
-            yield batch
-            if newly_done and not all(done):
-                # End the finished requests' streams now rather than at the batch's next message:
-                # their readers wait for this end (see _outputs), the others get no events.
-                yield [StopIteration if d else [] for d in done]
-        if not all(done):  # the stream ended early: its requests must not wait forever
-            yield [StopIteration if d else [] for d in done]
-
-    async def _outputs(self, job: ReplicaRequest) -> AsyncIterator[RequestOutput]:
-        """One request's outputs; ApiError if it failed; an abandoned stream aborts it on its replica.
-
-        After its last event the batch stream is read to its end (which follows at once): Serve's
-        batching has already made a future for the next item, and leaving it unread logs
-        "Future exception was never retrieved" for every request.
-        """
-        finished, failure = False, None
-        try:
-            async for events in self._dispatch(job):
-                for event in events:
-                    if event.error is not None:
-                        e = event.error
-                        finished, failure = True, ApiError(e.status, e.message, e.type, e.param)
-                    else:
-                        finished = event.output.finished
-                        yield event.output
-            if failure is not None:
-                raise failure
-            if not finished:
-                raise ApiError(503, "the model replica stopped before finishing this request; retry",
-                               "server_overloaded")
-        except ApiError:
-            raise
-        except Exception as error:  # the dispatch failed (its replica died...): a clear error, mid-stream too
-            api_error = error_for_exception(error)
-            if api_error.status == 500:
-                logger.exception("flora ingress: request %s failed", job.request_id)
-            raise api_error from error
-        finally:
-            replica = self._replica_of.pop(job.request_id, None)
-            if not finished and replica is not None:
-                asyncio.get_running_loop().create_task(self._abort(job.request_id, replica))
-
-    async def _abort(self, request_id: str, replica: str) -> None:
-        try:
-            await self.replica.abort.remote(request_id, target_replica=replica)
-        except Exception:  # the replica is gone: nothing left to free
-            logger.info("flora ingress: could not abort %s on %s", request_id, replica)
+    # ------------------------------------------------------------------ running and streaming
 
     async def _run_all(self, jobs: list[ReplicaRequest], model: str) -> list[RequestOutput]:
-        with self._admitted(len(jobs)):
-            outputs = await asyncio.gather(*(self._last_output(job) for job in jobs))
+        """Every job's last output, counted in flora_requests_total under `model`."""
+        outputs = await self.dispatch.run_all(jobs)
         self.metrics.record_request(self._metric_adapter(model), 200, outputs)
         return outputs
 
-    async def _last_output(self, job: ReplicaRequest) -> RequestOutput:
-        last = None
-        async for output in self._outputs(job):
-            last = output
-        return last
-
-    @contextmanager
-    def _admitted(self, count: int) -> Iterator[None]:
-        if self._in_flight + count > self.settings.max_queued_requests:
-            raise overloaded(f"the server is at capacity ({self._in_flight} requests in flight); retry shortly")
-        self._in_flight += count
-        self.metrics.queue.set(self._in_flight)
-        try:
-            yield
-        finally:
-            self._in_flight -= count
-            self.metrics.queue.set(self._in_flight)
-
-    # ------------------------------------------------------------------ streaming
-
-    async def _start_streams(self, jobs: list[ReplicaRequest]) -> tuple[ExitStack, list]:
-        """Admit the choices and start them; the caller closes the returned admission when its stream ends."""
-        admission = ExitStack()
-        admission.enter_context(self._admitted(len(jobs)))
-        try:
-            return admission, await self._first_events(jobs)
-        except BaseException:
-            admission.close()
-            raise
-
-    async def _first_events(self, jobs: list[ReplicaRequest]) -> list[tuple[AsyncIterator, RequestOutput]]:
-        """Start every choice and wait for its first output, so admission errors get a real status."""
-        streams = [self._outputs(job) for job in jobs]
-        try:
-            firsts = await asyncio.gather(*(anext(s) for s in streams))
-        except BaseException:
-            await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
-            raise
-        return list(zip(streams, firsts))
-
-    async def _merged(self, started: list[tuple[AsyncIterator, RequestOutput]]
-                      ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, stream: AsyncIterator, first: RequestOutput) -> None:
-            try:
-                await queue.put((index, first))
-                async for output in stream:
-                    await queue.put((index, output))
-            except Exception as error:
-                await queue.put((index, error))
-
-        tasks = [asyncio.create_task(pump(i, s, f)) for i, (s, f) in enumerate(started)]
-        remaining = len(tasks)
-        try:
-            while remaining:
-                index, item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                remaining -= item.finished
-                yield index, item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)  # a stream cannot close while its pump reads it
-            for stream, _ in started:
-                await stream.aclose()
-
     async def _stream_completion(self, body: CompletionRequest, jobs, echoes, prompt_lens, echo_only: bool):
-        admission, started = await self._start_streams(jobs)
+        admission, started = await self.dispatch.start_streams(jobs)
         completion_id, finals = f"cmpl-{uuid.uuid4().hex}", {}
 
         async def chunks() -> AsyncIterator[str]:
             sent_echo = set()
-            async with aclosing(self._merged(started)) as merged:
+            async with aclosing(self.dispatch.merged(started)) as merged:
                 async for index, output in merged:
                     # the prompt goes in a choice's first chunk only
                     echo = echoes[index] if index not in sent_echo else None
@@ -533,7 +306,7 @@ class FloraIngress:
         return self._sse_response(body.model, admission, chunks(), finals)
 
     async def _stream_chat(self, body: ChatCompletionRequest, jobs, prompt_len: int):
-        admission, started = await self._start_streams(jobs)
+        admission, started = await self.dispatch.start_streams(jobs)
         chat_id, finals = f"chatcmpl-{uuid.uuid4().hex}", {}
 
         def chunk(choices, usage=None) -> str:
@@ -542,7 +315,7 @@ class FloraIngress:
         async def chunks() -> AsyncIterator[str]:
             yield chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                          for i in range(len(jobs))])
-            async with aclosing(self._merged(started)) as merged:
+            async with aclosing(self.dispatch.merged(started)) as merged:
                 async for index, output in merged:
                     logprobs = fmt.chat_logprobs(self.tokenizer, output.delta_logprobs or ()) if body.logprobs else None
                     finish = fmt._finish(output) if output.finished else None
@@ -623,13 +396,3 @@ class FloraIngress:
             raise unknown_model(model, f"Use {self.settings.served_model_name!r} for the base model; "
                                        "GET /v1/models lists the adapters.")
         return entry.ref
-
-    def _check_management(self, request: Request) -> None:
-        if not self.settings.enable_adapter_management:
-            raise ApiError(403, "adapter management is disabled; start the app with enable_adapter_management: true",
-                           "permission_error")
-        token = self.settings.management_token
-        given = request.headers.get("authorization", "").encode()
-        if token and not hmac.compare_digest(given, f"Bearer {token}".encode()):  # in constant time
-            raise ApiError(401, "adapter management needs 'Authorization: Bearer <management_token>'",
-                           "authentication_error")

@@ -35,8 +35,10 @@ class LoraxParameters(BaseModel):
     """Every field `lorax.Client` sends; those with no effect here are accepted at their neutral value only."""
 
     model_config = ConfigDict(extra="forbid")
-    adapter_id: Optional[str] = Field(None, description="A served adapter's name; none: the base model.")
-    adapter_source: Optional[str] = None
+    adapter_id: Optional[str] = Field(None, description="A served adapter's name (its folder, with adapter_source "
+                                      "'local'); none: the base model.")
+    adapter_source: Optional[str] = Field(None, description="'local': adapter_id is the adapter's folder under "
+                                          "adapter_dir; none: its name. Nothing is downloaded.")
     merged_adapters: Optional[dict[str, Any]] = None
     api_token: Optional[str] = Field(None, description="Accepted and unused: adapters are served from adapter_dir.")
     do_sample: bool = False
@@ -106,11 +108,19 @@ def _refusal(error: ValidationError) -> ApiError:
     return bad_request(f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}", field)
 
 
+def check_adapter_source(p: LoraxParameters) -> None:
+    """400 for LoRAX's sources that download adapters ("hub", "s3", "pbase"): only "local" (a folder
+    under adapter_dir) and none (a served adapter's name) name what is served here."""
+    if p.adapter_source not in (None, "local"):
+        raise bad_request(f"adapter_source={p.adapter_source!r} is not supported here: nothing is downloaded. Leave "
+                          "it unset and name a served adapter (GET /v1/models), or pass 'local' with adapter_id a "
+                          "folder under adapter_dir", "adapter_source")
+
+
 def completion_body(body: LoraxRequest, model: str) -> CompletionRequest:
     """The same request as OpenAI's completion; 400 for what has no counterpart here."""
     p = body.parameters
-    for field, neutral, fix in [("adapter_source", None, "adapters are served by name from adapter_dir"),
-                                ("merged_adapters", None, "merge once with POST /v1/adapters/merge and name the "
+    for field, neutral, fix in [("merged_adapters", None, "merge once with POST /v1/adapters/merge and name the "
                                  "merge in adapter_id"),
                                 ("typical_p", None, "typical decoding is not implemented"),
                                 ("watermark", False, "watermarking is not implemented")]:
@@ -194,7 +204,10 @@ def prefill(tokenizer, output: RequestOutput) -> list[dict]:
 
 
 def generated_text(body: LoraxRequest, output: RequestOutput) -> str:
-    return (body.inputs if body.parameters.return_full_text else "") + output.text
+    """The answer's text; as in TGI and LoRAX it ends with the stop string that ended it (OpenAI's routes leave
+    that out), and with return_full_text it starts with the prompt."""
+    stop = output.stop_reason if output.finish_reason == "stop" and isinstance(output.stop_reason, str) else ""
+    return (body.inputs if body.parameters.return_full_text else "") + output.text + stop
 
 
 def response(tokenizer, body: LoraxRequest, output: RequestOutput, seed: Optional[int]) -> dict:

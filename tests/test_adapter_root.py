@@ -93,3 +93,5 @@ def test_name_of_a_path_directly_under_the_root(root, tmp_path):
                  "missing"]:
         with pytest.raises(ValueError, match="^lora_path"):
             root.name_of(path)
+        with pytest.raises(ValueError, match="^adapter_id"):  # LoRAX's adapter_source "local" names its field
+            root.name_of(path, field="adapter_id")

@@ -271,6 +271,47 @@ PENALIZED = [  # (model, penalties): each changes that model's greedy answer to 
 ]
 
 
+def test_lorax_generated_text_ends_with_its_stop_string_as_in_tgi(app):
+    """A stop string ends the answer with finish_reason stop_sequence, and generated_text keeps it, as TGI and
+    LoRAX do: the OpenAI route's text (which leaves it out) plus the stop string, streamed or whole."""
+    import lorax
+
+    client = lorax.Client(BASE_URL, timeout=60)
+    free = client.generate("zebra=", adapter_id="lora-r2", max_new_tokens=10).generated_text
+    stop = free[len(free) // 2]  # a character from the middle of the answer
+    cut = httpx.post(f"{BASE_URL}/v1/completions", timeout=60, json={
+        "model": "lora-r2", "prompt": "zebra=", "max_tokens": 10, "temperature": 0, "stop": [stop]}).json()
+    assert cut["choices"][0]["finish_reason"] == "stop" and stop not in cut["choices"][0]["text"]
+    answer = client.generate("zebra=", adapter_id="lora-r2", max_new_tokens=10, stop_sequences=[stop], details=True)
+    assert answer.generated_text == cut["choices"][0]["text"] + stop
+    assert answer.details.finish_reason.value == "stop_sequence"
+    events = list(client.generate_stream("zebra=", adapter_id="lora-r2", max_new_tokens=10, stop_sequences=[stop]))
+    assert events[-1].generated_text == answer.generated_text
+    assert "".join(e.token.text for e in events).startswith(answer.generated_text)
+
+
+def test_lorax_local_adapter_source_names_a_folder_under_adapter_dir(app, adapter_root, tmp_path):
+    """adapter_source 'local' with adapter_id a folder (absolute, or relative to adapter_dir) serves that folder's
+    adapter, the same answer as its name; a folder outside adapter_dir is a 422 naming adapter_id."""
+    import lorax
+
+    client = lorax.Client(BASE_URL, timeout=60)
+    by_name = client.generate("hello=", adapter_id="lora-r2", max_new_tokens=8).generated_text
+    by_base = client.generate("hello=", max_new_tokens=8).generated_text
+    assert by_name != by_base  # not vacuous: the adapter changes the answer
+    for path in [str(adapter_root / "lora-r2"), "lora-r2", str(adapter_root / "x" / ".." / "lora-r2")]:
+        assert client.generate("hello=", adapter_id=path, adapter_source="local",
+                               max_new_tokens=8).generated_text == by_name, path
+    outside = tmp_path / "lora-r2"
+    outside.mkdir()
+    for path in [str(outside), str(adapter_root / ".." / "lora-r2"), "no-such-folder"]:
+        refused = httpx.post(f"{BASE_URL}/generate", timeout=30, json={"inputs": "x=", "parameters": {
+            "adapter_id": path, "adapter_source": "local"}})
+        assert refused.status_code == 422 and refused.json()["error_type"] == "validation", refused.text
+        assert refused.json()["error"].startswith("adapter_id") and str(adapter_root) not in refused.json()["error"]
+    assert client.generate("hello=", adapter_id="lora-r2", max_new_tokens=8).generated_text == by_name
+
+
 def test_penalties_in_one_batch_match_each_request_alone(app, adapter_root):
     """The openai client's presence/frequency_penalty and vLLM's repetition_penalty, four requests at once."""
 
