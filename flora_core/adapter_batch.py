@@ -37,8 +37,9 @@ class Segment:
 class SlotRows:
     """The tokens of one adapter kind, sorted by slot (stable, so token order within a slot holds).
 
-    A `token_order` view holds them in batch order instead; only bmm-like strategies take it (its
-    segments are runs, so a slot can have several), and it is never subset.
+    A `token_order` view holds them in batch order instead; only per-token work takes it (LoRA's bmm,
+    FLoRA's single rank group, IA3's scales; its segments are runs, so a slot can have several), and it
+    is never subset.
     """
 
     token_index: torch.Tensor  # [n] long: positions in the flattened [T] batch

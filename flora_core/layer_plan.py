@@ -41,6 +41,7 @@ class LayerPlan:
 
     ia3_in: bool  # some IA3 token scales this layer's input
     ia3_out: bool  # ... or its output
+    ia3_rows: SlotRows  # IA3's tokens, in batch order where they are every token (a scale needs no gather then)
     lora_rank: int  # largest rank among the batch's LoRA slots in this layer; 0 = no LoRA work
     lora_strategy: str | None  # a name in batched_ops.LORA_STRATEGIES when lora_rank > 0
     lora_rows: SlotRows | None  # the LoRA tokens the strategy runs over: sorted, or in batch order for bmm
@@ -62,6 +63,7 @@ def _build_plan(table: SlotTable, batch: AdapterBatch) -> LayerPlan:
     return LayerPlan(
         ia3_in=any(table.ia3_in[slot] for slot in batch.ia3.distinct_slots),
         ia3_out=any(table.ia3_out[slot] for slot in batch.ia3.distinct_slots),
+        ia3_rows=batch.ia3.token_order or batch.ia3,
         lora_rank=lora_rank,
         lora_strategy=strategy,
         lora_rows=_lora_rows(batch.lora, strategy),
@@ -86,7 +88,7 @@ def _dora_rows(slot_is_dora: tuple[bool, ...], rows: SlotRows) -> SlotRows | Non
     dora = tuple(slot for slot in rows.distinct_slots if slot_is_dora[slot])
     if not dora:
         return None
-    return rows if len(dora) == len(rows.distinct_slots) else rows.subset(dora)
+    return (rows.token_order or rows) if len(dora) == len(rows.distinct_slots) else rows.subset(dora)
 
 
 def _flora_rank_groups(slot_ranks: tuple[int, ...], rows: SlotRows) -> tuple[tuple[int, SlotRows], ...]:
@@ -102,6 +104,6 @@ def _flora_rank_groups(slot_ranks: tuple[int, ...], rows: SlotRows) -> tuple[tup
     groups: dict[int, list[int]] = {}
     for slot, rank in zip(rows.distinct_slots, ranks):
         groups.setdefault(max(rank, 1), []).append(slot)
-    if len(groups) == 1:
-        return ((next(iter(groups)), rows),)
+    if len(groups) == 1:  # every FLoRA token at one rank: in batch order if they are all the tokens (no gather)
+        return ((next(iter(groups)), rows.token_order or rows),)
     return tuple((rank, rows.subset(tuple(slots))) for rank, slots in groups.items())

@@ -206,7 +206,7 @@ class MultiAdapterLinear(nn.Module):
             )
         plan = layer_plan(self.slot_table, batch)
         if plan.ia3_in:
-            tokens = ia3_scale(tokens, self.ia3_in, batch.ia3)
+            tokens = ia3_scale(tokens, self.ia3_in, plan.ia3_rows)
         y = self._base_or_flora(tokens, batch, plan)
         if plan.lora_rows is not None:
             rows = plan.lora_rows
@@ -215,7 +215,7 @@ class MultiAdapterLinear(nn.Module):
         if plan.dora_rows is not None:
             y = self._dora_rescale(y, plan.dora_rows)
         if plan.ia3_out:
-            y = ia3_scale(y, self.ia3_out, batch.ia3)
+            y = ia3_scale(y, self.ia3_out, plan.ia3_rows)
         return y.view(*x.shape[:-1], self.d_out)
 
     def _dora_rescale(self, y: torch.Tensor, rows: SlotRows) -> torch.Tensor:

@@ -330,6 +330,29 @@ def test_bmm_takes_the_batch_order_where_it_cuts_no_more_chunks(rows, in_batch_o
     assert_visible_effect(ref, base_ref, [i for i, n in rows for _ in range(n)], torch.float32)
 
 
+@pytest.mark.parametrize(("kinds", "kind", "row_ids"), [
+    ("flora", AdapterKind.FLORA, [2, 0, 1, 0, 3]),  # rank 1 everywhere: one rank group holds every token
+    ("ia3", AdapterKind.IA3, [3, 0, 1, 0, 2]),  # input and output scales
+    ("dora", AdapterKind.LORA, [2, 0, 2, 0]),  # every token's slot is DoRA
+])
+def test_per_token_work_takes_the_batch_order_where_every_token_is_of_its_kind(kinds, kind, row_ids):
+    """FLoRA's single rank group, IA3's scales and DoRA's rescale need no gather or scatter where every token
+    of a decode batch is of their kind; each token still gets exactly its own adapter."""
+    layer = make_layer("linear", torch.float32, CAPACITY)
+    adapters = adapter_set(kinds, 1)
+    slots = load_into_slots(layer, adapters)
+    rows = [(i, 1) for i in row_ids]
+    x = torch.randn(len(rows), D_IN)
+    out, ref, batch = run_packed(layer, slots, adapters, rows, x)
+    plan = layer_plan.layer_plan(layer.slot_table, batch)
+    taken = {"flora": lambda: plan.flora_groups[0][1], "ia3": lambda: plan.ia3_rows, "dora": lambda: plan.dora_rows}
+    in_order = batch.rows(kind).token_order
+    assert in_order is not None and taken[kinds]() is in_order and in_order.covers_all_tokens
+    assert_close_to_reference(out, ref, torch.float32)
+    base_ref = run_packed(layer, slots, adapters, [(None, 1) for _ in rows], x)[1]
+    assert_visible_effect(ref, base_ref, row_ids, torch.float32)
+
+
 def linear_shapes(layers) -> dict[str, tuple[int, int]]:
     return {name: (layer.d_in, layer.d_out) for name, layer in layers.items()}
 
