@@ -2,6 +2,7 @@
 
     python -m bench.engine_load --model llama-moderate      # ~3.5 min on 2 CPU cores
     python -m bench.engine_load --model llama-moderate --dora   # + the same adapters as DoRA, ~5 min
+    python -m bench.engine_load --model flora-tiny-llama --flora   # + as many FLoRA rank-1 adapters, ~4 min
 
 It separates what batching across adapters gains inside the engine from what the serving stack
 (Ray Serve's proxy and handles, per-token SSE chunks) costs: the same closed loop of C requests
@@ -27,7 +28,7 @@ from bench.overhead_model import build_base
 from bench.serving_load import Workload
 from bench.serving_report import engine_table
 from bench.timing import interleaved, load_average, machine_info
-from flora_core.adapter_weights import AdapterKind, AdapterWeights, LoraModule
+from flora_core.adapter_weights import AdapterKind, AdapterWeights, FloraModule, LoraModule
 from flora_core.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from flora_core.engine import Engine, EngineConfig
 from flora_core.multi_adapter_linear import SlotCapacity
@@ -105,12 +106,22 @@ def random_lora(shapes: dict[str, tuple[int, int]], rank: int, seed: int, dora: 
         for name, (d_in, d_out) in shapes.items()})
 
 
+def random_flora(shapes: dict[str, tuple[int, int]], seed: int) -> AdapterWeights:
+    """Random rank-1 FLoRA factors near one (a visible, bounded change) on every layer of shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    return AdapterWeights(AdapterKind.FLORA, {
+        name: FloraModule(flora_in=1 + 0.1 * torch.randn(1, d_in, generator=gen),
+                          flora_out=1 + 0.1 * torch.randn(1, d_out, generator=gen))
+        for name, (d_in, d_out) in shapes.items()})
+
+
 def run_model(model_name: str, adapters: int, rank: int, concurrency: int, duration_s: float, seed: int,
-              rounds: int, dora: bool = False) -> list[dict]:
-    """base / uniform over `adapters` / the same with one adapter per step (/ the same adapters as DoRA),
-    on one patched model, in rounds."""
+              rounds: int, dora: bool = False, flora: bool = False) -> list[dict]:
+    """base / uniform over `adapters` / the same with one adapter per step (/ the same adapters as DoRA)
+    (/ as many FLoRA rank-1 adapters), on one patched model, in rounds."""
     model = MultiAdapterModel(build_base(model_name, torch.device("cpu"), torch.float32), capacity=SlotCapacity(
-        lora_slots=2 * concurrency, lora_max_rank=rank, flora_slots=1, ia3_slots=1))
+        lora_slots=2 * concurrency, lora_max_rank=rank, flora_slots=2 * concurrency if flora else 1,
+        flora_max_rank=1, ia3_slots=1))
     shapes = {n: (layer.d_in, layer.d_out) for n, layer in model.layers.items()}
     names = [f"lora-{i:04d}" for i in range(adapters)]
     for i, name in enumerate(names):
@@ -120,15 +131,20 @@ def run_model(model_name: str, adapters: int, rank: int, concurrency: int, durat
         model.add_adapter(name, random_lora(shapes, rank, seed=i, dora=True))
         with model.pool.pinned([name]):  # a first slot write computes its g (a pass over each W0), kept after
             pass
+    flora_names = [f"flora-{i:04d}" for i in range(adapters)] if flora else []
+    for i, name in enumerate(flora_names):
+        model.add_adapter(name, random_flora(shapes, seed=i))
     vocab = model.model.config.vocab_size
     encode = lambda text: [3 + ord(c) % (vocab - 3) for c in text]  # noqa: E731 - a stand-in tokenizer
     points = [("base", None), (f"uniform-{adapters}", None), (f"uniform-{adapters}", 1)]
     points += [(f"dora-uniform-{adapters}", None)] if dora else []
+    points += [(f"flora-uniform-{adapters}", None)] if flora else []
+    workloads = {"dora": tuple(dora_names), "flora": tuple(flora_names)}
     results = []
     for k, (label, limit) in interleaved(points, rounds):
         engine = Engine(model, EngineConfig(max_model_len=64, max_running=64, max_batched_tokens=256,
                                             max_adapters_per_step=limit))
-        workload = Workload(label, () if label == "base" else tuple(dora_names if label.startswith("dora") else names))
+        workload = Workload(label, () if label == "base" else workloads.get(label.split("-")[0], tuple(names)))
         load_before = load_average()
         try:
             stats = engine_closed_loop(engine, workload, concurrency, duration_s, seed + k, encode)
@@ -154,23 +170,25 @@ def main() -> None:
                         help="interleaved rounds; each point's median round is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dora", action="store_true", help="also the same adapters as DoRA (a magnitude each)")
+    parser.add_argument("--flora", action="store_true", help="also as many FLoRA rank-1 adapters")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
     info = machine_info(torch.device("cpu"))
     results = run_model(args.model, args.adapters, args.rank, args.concurrency, args.duration, args.seed,
-                        args.rounds, args.dora)
+                        args.rounds, args.dora, args.flora)
     info |= {"load_average_after": load_average(), "seconds": round(time.perf_counter() - started)}
-    stem = f"engine_load_{args.model}" + ("_dora" if args.dora else "")
+    stem = f"engine_load_{args.model}" + ("_dora" if args.dora else "") + ("_flora" if args.flora else "")
     command = " ".join(["python -m bench.engine_load", *sys.argv[1:]])
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{stem}.json").write_text(json.dumps(
         {"machine": info, "command": command, "settings": settings, "results": results}, indent=1))
-    also_dora = f" (and the same {args.adapters} as DoRA)" if args.dora else ""
-    lines = [f"# The engine alone on `{args.model}`: {args.adapters} LoRA adapters{also_dora} (rank {args.rank}, every "
-             f"linear layer), closed loop of {args.concurrency}", "",
+    also = ", the same as DoRA" if args.dora else ""
+    also += f", {args.adapters} FLoRA rank-1 adapters" if args.flora else ""
+    lines = [f"# The engine alone on `{args.model}`: {args.adapters} LoRA adapters (rank {args.rank}, every linear "
+             f"layer){also}; closed loop of {args.concurrency}", "",
              f"Machine: {info['cpu']} ({info['cpu_count']} cores), torch {info['torch']}, 1 thread, float32. Load "
              f"average before: {info['load_average_1_5_15']}, after: {info['load_average_after']}. Ran "
              f"{info['seconds']} s. Command: `{command}`", "", *engine_table({"engine_only": results})]
