@@ -38,8 +38,8 @@ class SlotRows:
     """The tokens of one adapter kind, sorted by slot (stable, so token order within a slot holds).
 
     A `token_order` view holds them in batch order instead; only per-token work takes it (LoRA's bmm,
-    FLoRA's single rank group, IA3's scales; its segments are runs, so a slot can have several), and it
-    is never subset.
+    FLoRA's single rank group, IA3's scales, DoRA's rescale; its segments are runs, so a slot can have
+    several), and it is never subset.
     """
 
     token_index: torch.Tensor  # [n] long: positions in the flattened [T] batch
@@ -50,14 +50,19 @@ class SlotRows:
     chunk_length: int  # L: the largest length that divides every segment's (1 if none)
     chunk_slots: torch.Tensor  # [n / L] long: the slot of each run of L sorted tokens (one slot each)
     # The same tokens in the batch's own order, where they are all T tokens but their sorted order is not
-    # the batch's: a bmm over them needs no gather of the activations and no scatter of its result.
-    # Its segments are runs in batch order (a slot may have several); None where it would not differ.
+    # the batch's: per-token work over them needs no gather of the activations and no scatter of its
+    # result. Its segments are runs in batch order (a slot may have several); None where it would not differ.
     token_order: "SlotRows | None" = None
     _subsets: dict = field(default_factory=dict, compare=False, repr=False)  # memo of subset()
 
     @property
     def num_tokens(self) -> int:
         return self.token_index.shape[0]
+
+    @property
+    def in_batch_order(self) -> "SlotRows":
+        """token_order where there is one (these are every token of the batch, sorted otherwise), else self."""
+        return self if self.token_order is None else self.token_order
 
     @property
     def num_chunks(self) -> int:

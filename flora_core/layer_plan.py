@@ -63,7 +63,7 @@ def _build_plan(table: SlotTable, batch: AdapterBatch) -> LayerPlan:
     return LayerPlan(
         ia3_in=any(table.ia3_in[slot] for slot in batch.ia3.distinct_slots),
         ia3_out=any(table.ia3_out[slot] for slot in batch.ia3.distinct_slots),
-        ia3_rows=batch.ia3.token_order or batch.ia3,
+        ia3_rows=batch.ia3.in_batch_order,
         lora_rank=lora_rank,
         lora_strategy=strategy,
         lora_rows=_lora_rows(batch.lora, strategy),
@@ -88,7 +88,7 @@ def _dora_rows(slot_is_dora: tuple[bool, ...], rows: SlotRows) -> SlotRows | Non
     dora = tuple(slot for slot in rows.distinct_slots if slot_is_dora[slot])
     if not dora:
         return None
-    return (rows.token_order or rows) if len(dora) == len(rows.distinct_slots) else rows.subset(dora)
+    return rows.in_batch_order if len(dora) == len(rows.distinct_slots) else rows.subset(dora)
 
 
 def _flora_rank_groups(slot_ranks: tuple[int, ...], rows: SlotRows) -> tuple[tuple[int, SlotRows], ...]:
@@ -105,5 +105,5 @@ def _flora_rank_groups(slot_ranks: tuple[int, ...], rows: SlotRows) -> tuple[tup
     for slot, rank in zip(rows.distinct_slots, ranks):
         groups.setdefault(max(rank, 1), []).append(slot)
     if len(groups) == 1:  # every FLoRA token at one rank: in batch order if they are all the tokens (no gather)
-        return ((next(iter(groups)), rows.token_order or rows),)
+        return ((next(iter(groups)), rows.in_batch_order),)
     return tuple((rank, rows.subset(tuple(slots))) for rank, slots in groups.items())

@@ -18,6 +18,8 @@ import torch
 
 from flora_core.sampling_params import SamplingParams
 
+FLOAT32_MAX, FLOAT32_TINY = torch.finfo(torch.float32).max, torch.finfo(torch.float32).tiny
+
 
 @dataclass(frozen=True)
 class PenaltyBatch:
@@ -62,7 +64,8 @@ class PenaltyBatch:
             for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"))
         return PenaltyBatch(
             seen_rows=seen_rows.to(device), seen_tokens=seen_tokens.to(device),
-            repetition=repetition[seen_rows].to(device),
+            # a penalty beyond float32's range (1e-300, 1e300) is held inside it, so 0 * penalty is never NaN
+            repetition=repetition[seen_rows].clamp(FLOAT32_TINY, FLOAT32_MAX).to(device),
             output_rows=output_rows.to(device), output_tokens=output_tokens.to(device),
             frequency_times_count=(frequency[output_rows] * counts).to(device),
             presence=presence[output_rows].to(device),
@@ -74,7 +77,8 @@ def apply_penalties(logits: torch.Tensor, batch: PenaltyBatch) -> torch.Tensor:
     logits = logits.clone()
     seen = (batch.seen_rows, batch.seen_tokens)
     values = logits[seen]
-    logits[seen] = torch.where(values > 0, values / batch.repetition, values * batch.repetition)
+    penalized = torch.where(values > 0, values / batch.repetition, values * batch.repetition)
+    logits[seen] = penalized.clamp(-FLOAT32_MAX, FLOAT32_MAX)  # an extreme penalty saturates: never inf, never NaN
     output = (batch.output_rows, batch.output_tokens)
     logits[output] = logits[output] - batch.frequency_times_count - batch.presence
     return logits

@@ -113,7 +113,7 @@ class AdapterCatalog:
         except ValueError as error:
             return self.root.relative(str(error))
         entry = self._entries.get(name)
-        if entry is None:
+        if entry is None or entry.merged_from:  # a merge of that name is not this folder's adapter
             return (f"adapter_id {path!r}: the adapter folder {name!r} is not served; load it first "
                     "(POST /v1/adapters/load, with enable_adapter_management: true)")
         return entry

@@ -84,3 +84,17 @@ def test_refused_merges_say_why_and_change_nothing(adapter_root, name, recipe, m
     refusal = catalog.merge(name, recipe)
     assert isinstance(refusal, str) and re.search(message, refusal), refusal
     assert catalog.snapshot() == before
+
+
+def test_a_local_folder_names_its_own_adapter_never_a_merge_of_that_name(adapter_root):
+    """LoRAX's adapter_source 'local': the folder's served adapter; a folder that is not served is refused
+    even where a merge carries its name, so a path never silently reaches another adapter."""
+    catalog = make_catalog(adapter_root)
+    assert catalog.served_at(str(adapter_root / "lora-r2")).name == "lora-r2"
+    assert catalog.served_at("flora-r1").name == "flora-r1"
+    assert not isinstance(catalog.merge("mix", (("lora-r2", 1.0), ("lora-r4", 1.0))), str)
+    shutil.copytree(adapter_root / "lora-r8", adapter_root / "mix")  # a folder named like the merge, not served
+    refused = catalog.served_at(str(adapter_root / "mix"))
+    assert isinstance(refused, str) and refused.startswith("adapter_id") and "not served" in refused
+    refused = catalog.served_at("../elsewhere")
+    assert isinstance(refused, str) and refused.startswith("adapter_id") and "directly under" in refused

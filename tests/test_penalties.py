@@ -72,6 +72,25 @@ def test_rows_without_penalties_are_untouched_and_a_batch_without_any_costs_noth
     assert greedy[0] == logits[0].argmax() and greedy[1] != logits[1].argmax()  # greedy rows are penalized too
 
 
+def test_extreme_repetition_penalties_saturate_instead_of_breaking_sampling():
+    """A penalty of 1e-300 or 1e300 is valid (> 0, finite) but leaves float32's range: the penalized logits stay
+    finite, so a sampled row still gets a token: the tiny one makes the seen token with a positive logit certain,
+    the huge one takes the seen token with a negative logit out."""
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(3))
+    logits[:, 5], logits[:, 6], logits[:, 7] = 4.0, -3.0, 0.0
+    params = [SamplingParams(repetition_penalty=1e-300, seed=1), SamplingParams(repetition_penalty=1e300, seed=1)]
+    penalties = PenaltyBatch.from_rows(params, [[5, 6, 7], [5, 6, 7]], [[], []], VOCAB, CPU)
+    penalized = apply_penalties(logits, penalties)
+    assert bool(torch.isfinite(penalized).all())
+    largest = torch.finfo(torch.float32).max
+    assert penalized[0, 5] == largest and -1e-30 < penalized[0, 6] <= 0 and penalized[0, 7] == 0
+    assert 0 <= penalized[1, 5] < 1e-30 and penalized[1, 6] == -largest and penalized[1, 7] == 0
+    batch = SamplingBatch.from_params(params, [None, None], CPU, penalties=penalties)
+    for _ in range(5):
+        tokens = next_tokens(logits.clone(), batch)
+        assert tokens[0] == 5 and tokens[1] != 6
+
+
 @pytest.mark.parametrize("kwargs, field", [
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -2.01}, "frequency_penalty"),
