@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import time
 from collections import Counter
@@ -355,6 +356,7 @@ def _answers(base: str) -> bool:
 
 
 LORAX_ROUTES = {"/generate", "/generate_stream", "/"}
+FUZZ_EXAMPLES = int(os.environ.get("FLORA_FUZZ_EXAMPLES", "30"))  # per operation and mode; raise it to hunt longer
 
 
 def test_fuzzed_requests_never_get_a_5xx(app):
@@ -378,7 +380,8 @@ def test_fuzzed_requests_never_get_a_5xx(app):
 
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            fuzz = settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))(
+            fuzz = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+                            suppress_health_check=list(HealthCheck))(
                 given(case=operation.as_strategy(generation_mode=mode))(check))
             try:
                 fuzz()
