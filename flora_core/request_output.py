@@ -101,3 +101,10 @@ def merge_outputs(outputs: Sequence[RequestOutput]) -> RequestOutput:
         logprobs = tuple(item for o in outputs for item in (o.delta_logprobs or ()))
     return replace(last, delta_token_ids=tuple(t for o in outputs for t in o.delta_token_ids),
                    delta_text="".join(o.delta_text for o in outputs), delta_logprobs=logprobs)
+
+
+def as_whole_answer(output: RequestOutput) -> RequestOutput:
+    """`output` with everything so far as its deltas: what merge_outputs of the request's every output up to
+    it gives, for a consumer that takes only the finished answer (no earlier output is kept to join)."""
+    return replace(output, delta_token_ids=output.token_ids, delta_text=output.text, delta_logprobs=output.logprobs)
+

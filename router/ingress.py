@@ -110,7 +110,7 @@ class FloraIngress(AdapterManagementRoutes):
                 params = fmt.sampling_params(body, len(ids), self.settings.max_model_len,
                                              self.settings.default_max_tokens, body.logprobs, len(jobs),
                                              prompt_logprobs)
-                jobs.append(new_job(ids, params, adapter))
+                jobs.append(new_job(ids, params, adapter, whole_answer=not body.stream))
                 echoes.append(echo)
         if body.stream:
             return await self._stream_completion(body, jobs, echoes, prompt_lens, echo_only)
@@ -136,7 +136,7 @@ class FloraIngress(AdapterManagementRoutes):
         prompt_logprobs = fmt.prompt_logprobs_param(body)
         jobs = [new_job(ids, fmt.sampling_params(body, len(ids), self.settings.max_model_len,
                                                    self.settings.default_max_tokens, logprobs, i, prompt_logprobs),
-                          adapter)
+                          adapter, whole_answer=not body.stream)
                 for i in range(body.n)]
         if body.stream:
             return await self._stream_chat(body, jobs, len(ids))
@@ -216,7 +216,7 @@ class FloraIngress(AdapterManagementRoutes):
         params = fmt.sampling_params(completion, len(ids), self.settings.max_model_len,
                                      self.settings.default_max_tokens, logprobs, 0,
                                      0 if p.decoder_input_details else None)
-        return new_job(ids, params, adapter)
+        return new_job(ids, params, adapter, whole_answer=not streaming)
 
     async def _stream_lorax(self, body: "lorax.LoraxRequest", job: ReplicaRequest, model: str) -> StreamingResponse:
         admission, started = await self.dispatch.start_streams([job])
@@ -237,7 +237,7 @@ class FloraIngress(AdapterManagementRoutes):
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         """One request, whole answer; ValueError names the bad field, UnknownAdapter-style 404s as KeyError."""
-        job, adapter_name = await self._handle_job(request)
+        job, adapter_name = await self._handle_job(request, whole_answer=True)
         output = (await self._run_all([job], adapter_name))[0]
         return GenerateResponse(adapter=request.adapter, text=output.text, token_ids=list(output.token_ids),
                                 finish_reason=fmt._finish(output), logprobs=_logprob_dicts(output.logprobs),
@@ -247,7 +247,7 @@ class FloraIngress(AdapterManagementRoutes):
                                 time_to_first_token_s=output.timings.time_to_first_token)
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        job, adapter_name = await self._handle_job(request)
+        job, adapter_name = await self._handle_job(request, whole_answer=False)
         with self.dispatch.admitted(1):
             async for output in self.dispatch.outputs(job):
                 yield GenerateChunk(delta_text=output.delta_text, delta_token_ids=list(output.delta_token_ids),
@@ -258,7 +258,7 @@ class FloraIngress(AdapterManagementRoutes):
         replicas = sorted(self.dispatch.seen_replicas)
         return list(await asyncio.gather(*(self.replica.stats.remote(target_replica=r) for r in replicas)))
 
-    async def _handle_job(self, request: GenerateRequest) -> tuple[ReplicaRequest, str]:
+    async def _handle_job(self, request: GenerateRequest, whole_answer: bool) -> tuple[ReplicaRequest, str]:
         name = request.adapter or self.settings.served_model_name
         sampling = request.model_dump(exclude={"adapter", "logprobs", "prompt_logprobs", "stop", "stop_token_ids"})
         body = CompletionRequest(model=name, stop=request.stop or None, stop_token_ids=request.stop_token_ids or None,
@@ -273,7 +273,7 @@ class FloraIngress(AdapterManagementRoutes):
             if error.status == 404:
                 raise KeyError(error.message) from None
             raise ValueError(f"GenerateRequest.{error.param or 'body'}: {error.message}") from None
-        return new_job(ids, params, adapter), name
+        return new_job(ids, params, adapter, whole_answer), name
 
     # ------------------------------------------------------------------ running and streaming
 

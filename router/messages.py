@@ -39,6 +39,7 @@ class ReplicaRequest:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     adapter: Optional[AdapterRef]  # None: the base model
+    whole_answer: bool = False  # the client takes only the finished answer: its replica sends the last output alone
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from flora_core.adapter_root import AdapterRoot
 from flora_core.async_engine import AsyncEngine
 from flora_core.engine import Engine
 from flora_core.multi_adapter_model import MultiAdapterModel
-from flora_core.request_output import merge_outputs
+from flora_core.request_output import as_whole_answer, merge_outputs
 from router.errors import error_for_exception
 from router.messages import AdapterRef, ReplicaError, ReplicaEvent, ReplicaRequest
 from router.metrics import ReplicaMetrics
@@ -97,6 +97,10 @@ class FloraReplica:
             adapter = self._register(request.adapter)
             stream = self.engine.generate(list(request.prompt_token_ids), request.params, adapter, request.request_id)
             async for output in stream:
+                if request.whole_answer:  # nothing to send before the end: fewer messages for ingress and proxy
+                    if not output.finished:
+                        continue
+                    output = as_whole_answer(output)
                 events.put_nowait((index, ReplicaEvent(output=output)))
         except asyncio.CancelledError:
             raise

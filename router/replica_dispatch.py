@@ -29,9 +29,12 @@ logger = logging.getLogger("ray.serve")
 StartedStream = tuple[AsyncIterator[RequestOutput], RequestOutput]  # a request's outputs, and its first one
 
 
-def new_job(ids: list[int], params: SamplingParams, adapter: Optional[AdapterRef]) -> ReplicaRequest:
-    """A request for the replicas under a fresh id: prompt token ids, sampling, adapter (None: the base model)."""
-    return ReplicaRequest(request_id=uuid.uuid4().hex, prompt_token_ids=tuple(ids), params=params, adapter=adapter)
+def new_job(ids: list[int], params: SamplingParams, adapter: Optional[AdapterRef],
+            whole_answer: bool) -> ReplicaRequest:
+    """A request for the replicas under a fresh id: prompt token ids, sampling, adapter (None: the base model);
+    whole_answer: the client is not streaming, so the replica sends only the finished output."""
+    return ReplicaRequest(request_id=uuid.uuid4().hex, prompt_token_ids=tuple(ids), params=params, adapter=adapter,
+                          whole_answer=whole_answer)
 
 
 class ReplicaDispatch:

@@ -43,6 +43,40 @@ async def run_batch(replica: FloraReplica, requests: list[ReplicaRequest], resul
                 results[request.request_id] = events[-1]
 
 
+def test_a_whole_answer_request_gets_one_message_beside_a_stream_of_the_same_request(adapter_root, monkeypatch):
+    """A request whose client is not streaming (whole_answer) gets only its finished output from the replica,
+    carrying everything; its twin in the same batch, streamed, gets several, which add up to the same answer."""
+    replica_settings, _ = settings_for(adapter_root)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    ids = tuple(tokenizer("hello=")["input_ids"])
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
+    streamed = ReplicaRequest("streamed", ids, params, AdapterRef("lora-r2", 1))
+    whole = ReplicaRequest("whole", ids, params, AdapterRef("lora-r2", 1), whole_answer=True)
+
+    async def scenario(replica: FloraReplica) -> dict[str, list]:
+        events: dict[str, list] = {"streamed": [], "whole": []}
+        async for step in replica.generate_batch([streamed, whole]):
+            if not isinstance(step, str):
+                for request, per_request in zip([streamed, whole], step):
+                    events[request.request_id] += per_request
+        return events
+
+    monkeypatch.setattr(serve, "get_replica_context", lambda: None)  # a replica outside Serve
+    replica = FloraReplica(replica_settings.model_copy(update={"stream_interval_ms": 0.0}))  # a message per step
+    try:
+        events = asyncio.run(asyncio.wait_for(scenario(replica), 120))
+    finally:
+        replica.engine.close()
+    assert len(events["streamed"]) > 1 and len(events["whole"]) == 1
+    parts, (answer,) = [e.output for e in events["streamed"]], [e.output for e in events["whole"]]
+    assert answer.finished and len(answer.token_ids) == 12
+    assert answer.delta_text == answer.text == "".join(p.delta_text for p in parts) == parts[-1].text
+    assert answer.delta_token_ids == answer.token_ids == parts[-1].token_ids
+    assert answer.delta_logprobs == answer.logprobs == tuple(lp for p in parts for lp in p.delta_logprobs)
+    expected = engine_alone_texts(adapter_root, [("lora-r2", "hello=", 12)])[0]
+    assert answer.text.startswith(expected)  # the engine alone stops at the end of sequence; this one ignores it
+
+
 def test_reloading_an_adapter_keeps_the_requests_waiting_for_its_old_version(adapter_root, monkeypatch):
     """One LoRA slot, busy: a request for lora-r2 version 1 waits for it. Version 2 arriving (a
     reload) must not take version 1 away from the waiting request (it used to fail with a 404),

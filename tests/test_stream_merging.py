@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from flora_core.request_output import RequestOutput, merge_outputs
+from flora_core.request_output import RequestOutput, as_whole_answer, merge_outputs
 from flora_core.sampling_params import SamplingParams
 from router.messages import ReplicaError, ReplicaEvent
 from router.replica import _merged_events
@@ -72,6 +72,12 @@ def test_one_group_of_everything_is_the_whole_answer_as_one_delta(step_outputs):
         merged = merge_outputs(outputs)
         assert merged.delta_text == merged.text == outputs[-1].text
         assert merged.delta_token_ids == merged.token_ids
+
+
+def test_the_last_output_as_a_whole_answer_equals_every_output_merged(step_outputs):
+    """What a replica sends a client that is not streaming: the last output alone, standing for all of them."""
+    for outputs in step_outputs:
+        assert as_whole_answer(outputs[-1]) == merge_outputs(outputs)
 
 
 def test_merge_refuses_nothing_and_mixed_requests(step_outputs):
