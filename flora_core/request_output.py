@@ -107,4 +107,3 @@ def as_whole_answer(output: RequestOutput) -> RequestOutput:
     """`output` with everything so far as its deltas: what merge_outputs of the request's every output up to
     it gives, for a consumer that takes only the finished answer (no earlier output is kept to join)."""
     return replace(output, delta_token_ids=output.token_ids, delta_text=output.text, delta_logprobs=output.logprobs)
-

@@ -65,7 +65,8 @@ class FloraReplica:
         A message goes out at most every `stream_interval_ms`: outputs a request made in between
         are merged into one (flora_core.request_output.merge_outputs), so the ingress and proxy
         handle one message per interval instead of one per engine step. A message never waits
-        when the previous one left longer than the interval ago (first tokens go out at once).
+        when the previous one left longer than the interval ago (first tokens go out at once). A
+        request with `whole_answer` gets one event, when it finishes (as_whole_answer).
         """
         yield self.replica_id
         events: asyncio.Queue[tuple[int, ReplicaEvent]] = asyncio.Queue()
