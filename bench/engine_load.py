@@ -136,15 +136,15 @@ def run_model(model_name: str, adapters: int, rank: int, concurrency: int, durat
         model.add_adapter(name, random_flora(shapes, seed=i))
     vocab = model.model.config.vocab_size
     encode = lambda text: [3 + ord(c) % (vocab - 3) for c in text]  # noqa: E731 - a stand-in tokenizer
-    points = [("base", None), (f"uniform-{adapters}", None), (f"uniform-{adapters}", 1)]
-    points += [(f"dora-uniform-{adapters}", None)] if dora else []
-    points += [(f"flora-uniform-{adapters}", None)] if flora else []
-    workloads = {"dora": tuple(dora_names), "flora": tuple(flora_names)}
+    uniform = f"uniform-{adapters}"
+    points = [("base", None, ()), (uniform, None, names), (uniform, 1, names)]  # (label, adapter limit, adapters)
+    points += [(f"dora-{uniform}", None, dora_names)] if dora else []
+    points += [(f"flora-{uniform}", None, flora_names)] if flora else []
     results = []
-    for k, (label, limit) in interleaved(points, rounds):
+    for k, (label, limit, drawn_from) in interleaved(points, rounds):
         engine = Engine(model, EngineConfig(max_model_len=64, max_running=64, max_batched_tokens=256,
                                             max_adapters_per_step=limit))
-        workload = Workload(label, () if label == "base" else workloads.get(label.split("-")[0], tuple(names)))
+        workload = Workload(label, tuple(drawn_from))
         load_before = load_average()
         try:
             stats = engine_closed_loop(engine, workload, concurrency, duration_s, seed + k, encode)

@@ -62,10 +62,11 @@ class PenaltyBatch:
         repetition, frequency, presence = (
             torch.tensor([getattr(p, name) for p in params], dtype=torch.float32)
             for name in ("repetition_penalty", "frequency_penalty", "presence_penalty"))
+        # a penalty beyond float32's range (1e-300, 1e300) is held inside it, so 0 * penalty is never NaN
+        repetition = repetition.clamp(FLOAT32_TINY, FLOAT32_MAX)
         return PenaltyBatch(
             seen_rows=seen_rows.to(device), seen_tokens=seen_tokens.to(device),
-            # a penalty beyond float32's range (1e-300, 1e300) is held inside it, so 0 * penalty is never NaN
-            repetition=repetition[seen_rows].clamp(FLOAT32_TINY, FLOAT32_MAX).to(device),
+            repetition=repetition[seen_rows].to(device),
             output_rows=output_rows.to(device), output_tokens=output_tokens.to(device),
             frequency_times_count=(frequency[output_rows] * counts).to(device),
             presence=presence[output_rows].to(device),
