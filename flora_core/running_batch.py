@@ -95,13 +95,12 @@ def advance(batch: RunningBatch) -> RunningBatch:
 def concat(first: RunningBatch, second: RunningBatch) -> RunningBatch:
     """Rows of `first` then rows of `second`; the one with fewer columns is padded on the left."""
     width = max(first.num_columns, second.num_columns)
-    layers = []
-    for (k1, v1), (k2, v2) in zip(_layers(first.cache), _layers(second.cache), strict=True):
-        keys = torch.cat([_pad_left(k1, width, dim=2), _pad_left(k2, width, dim=2)])
-        values = torch.cat([_pad_left(v1, width, dim=2), _pad_left(v2, width, dim=2)])
-        layers.append((keys, values))
+    layers = [
+        (_right_aligned([k1, k2], width), _right_aligned([v1, v2], width))
+        for (k1, v1), (k2, v2) in zip(_layers(first.cache), _layers(second.cache), strict=True)
+    ]
     mask = torch.cat([_pad_left(first.attention_mask, width, dim=1), _pad_left(second.attention_mask, width, dim=1)])
-    batch = RunningBatch(DynamicCache(layers), mask, torch.cat([first.next_positions, second.next_positions]))
+    batch = RunningBatch(_cache_holding(layers), mask, torch.cat([first.next_positions, second.next_positions]))
     _check(batch)
     return batch
 
@@ -116,17 +115,43 @@ def select(batch: RunningBatch, rows: Sequence[int]) -> RunningBatch | None:
     index = torch.tensor(list(rows), dtype=torch.long, device=batch.attention_mask.device)
     mask = batch.attention_mask.index_select(0, index)
     first = int(torch.nonzero(mask.any(dim=0)).min())  # every row holds at least its prompt
-    layers = [
-        (keys.index_select(0, index)[:, :, first:], values.index_select(0, index)[:, :, first:])
+    layers = [  # the kept columns only are copied
+        (keys[:, :, first:].index_select(0, index), values[:, :, first:].index_select(0, index))
         for keys, values in _layers(batch.cache)
     ]
-    kept = RunningBatch(DynamicCache(layers), mask[:, first:], batch.next_positions.index_select(0, index))
+    kept = RunningBatch(_cache_holding(layers), mask[:, first:], batch.next_positions.index_select(0, index))
     _check(kept)
     return kept
 
 
 def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache_holding(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A DynamicCache whose layers hold these keys and values themselves ([B, H, L, D] each).
+
+    DynamicCache(layers) would copy every tensor (its layers start empty and concatenate what they
+    are given); here they start from zero columns of each, which copies nothing, and then hold it.
+    """
+    cache = DynamicCache([(keys[:, :, :0], values[:, :, :0]) for keys, values in layers])
+    for layer, (keys, values) in zip(cache.layers, layers, strict=True):
+        layer.keys, layer.values = keys, values
+    return cache
+
+
+def _right_aligned(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
+    """[B1 + B2 + ..., H, width, D]: the tensors' rows stacked, each one's columns at the right end
+    and zeros left of them; one copy of each (padding first and concatenating after copies twice)."""
+    first = tensors[0]
+    out = first.new_empty(sum(t.shape[0] for t in tensors), first.shape[1], width, first.shape[3])
+    start = 0
+    for tensor in tensors:
+        rows, padding = slice(start, start + tensor.shape[0]), width - tensor.shape[2]
+        out[rows, :, :padding].zero_()
+        out[rows, :, padding:] = tensor
+        start += tensor.shape[0]
+    return out
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
