@@ -31,6 +31,7 @@ from bench.timing import interleaved, load_average, machine_info
 from flora_core.adapter_weights import AdapterKind, AdapterWeights, FloraModule, LoraModule
 from flora_core.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from flora_core.engine import Engine, EngineConfig
+from flora_core.host_memory import keep_freed_host_memory
 from flora_core.multi_adapter_linear import SlotCapacity
 from flora_core.multi_adapter_model import MultiAdapterModel
 from flora_core.sampling_params import SamplingParams
@@ -174,6 +175,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     torch.set_num_threads(1)
+    keep_freed_host_memory()  # as a replica does
     started = time.perf_counter()
     info = machine_info(torch.device("cpu"))
     results = run_model(args.model, args.adapters, args.rank, args.concurrency, args.duration, args.seed,

@@ -73,6 +73,10 @@ class AppArgs(BaseModel):
                                       "stream: tokens made in between travel (and are streamed) together, so the "
                                       "ingress and the proxy do less work per token (as Ray Serve LLM's "
                                       "stream_batching_interval_ms). 0: a message per engine step.")
+    keep_freed_host_memory: bool = Field(True, description="Replicas keep the host memory their tensors free for the "
+                                         "next engine step (glibc malloc) instead of returning it to the system and "
+                                         "faulting it in again: 15-20% faster steps on CPU; a replica's memory stays "
+                                         "at its peak. No effect where the C library is not glibc.")
     default_max_tokens: int = Field(16, description="max_tokens when a request leaves it out (OpenAI: 16).")
     max_batch_size: int = Field(32, description="@serve.batch: requests per dispatched batch at most.")
     batch_wait_timeout_s: float = Field(0.005, description="@serve.batch: how long a batch waits to fill.")
@@ -153,7 +157,8 @@ def resolve(args: AppArgs) -> tuple[ReplicaSettings, IngressSettings]:
         max_adapter_bytes=args.max_adapter_bytes, max_model_len=max_model_len, max_running=args.max_running,
         max_batched_tokens=args.max_batched_tokens or 4 * max_model_len,
         max_adapters_per_step=args.max_adapters_per_step,
-        torch_threads=max(1, math.floor(args.replica_num_cpus)), stream_interval_ms=args.stream_interval_ms)
+        torch_threads=max(1, math.floor(args.replica_num_cpus)), stream_interval_ms=args.stream_interval_ms,
+        keep_freed_host_memory=args.keep_freed_host_memory)
     ingress = IngressSettings(
         model_path=str(model_dir), served_model_name=name, adapter_dir=adapter_dir, max_model_len=max_model_len,
         default_max_tokens=args.default_max_tokens, max_batch_size=args.max_batch_size,

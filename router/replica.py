@@ -24,6 +24,7 @@ from flora_core.adapter_pool import PoolExhaustedError, UnknownAdapterError
 from flora_core.adapter_root import AdapterRoot
 from flora_core.async_engine import AsyncEngine
 from flora_core.engine import Engine
+from flora_core.host_memory import keep_freed_host_memory
 from flora_core.multi_adapter_model import MultiAdapterModel
 from flora_core.request_output import as_whole_answer, merge_outputs
 from router.errors import error_for_exception
@@ -40,6 +41,8 @@ class FloraReplica:
     def __init__(self, settings: ReplicaSettings) -> None:
         self.settings = settings
         torch.set_num_threads(settings.torch_threads)
+        if settings.keep_freed_host_memory and not keep_freed_host_memory():
+            logger.info("flora replica: this C library is not glibc; freed host memory is managed its own way")
         logger.info("flora replica: loading %s (%s on %s)", settings.model_path, settings.dtype, settings.device)
         self.model = MultiAdapterModel.from_pretrained(
             settings.model_path, dtype=settings.torch_dtype(), device=settings.device,

@@ -39,6 +39,8 @@ class ReplicaSettings(BaseModel):
     torch_threads: int = Field(1, description="CPU threads for torch in this replica.")
     stream_interval_ms: float = Field(50.0, ge=0, description="Least time between two messages of a batch's "
                                       "stream; outputs in between are merged (0: one message per engine step).")
+    keep_freed_host_memory: bool = Field(True, description="Keep freed host memory for reuse (glibc malloc; "
+                                         "flora_core.host_memory).")
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
