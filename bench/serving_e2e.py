@@ -52,6 +52,7 @@ from bench.timing import interleaved, load_average, machine_info
 from deploy.app import build_app
 from flora_core import AdapterKind, AdapterWeights, LoraModule, save_adapter
 from flora_core.default_model import DEFAULT_MODEL_NAME, default_model_dir
+from flora_core.host_memory import keep_freed_host_memory
 from flora_core.patching import find_target_layers
 
 PORT = 8040
@@ -169,6 +170,7 @@ def run_point(point: Point, names: list[str], duration_s: float, seed: int) -> d
 
 def run_engine_points(root: Path, names: list[str], args) -> list[dict]:
     """The same closed loop straight against the engine (no Ray, no HTTP), in interleaved rounds."""
+    keep_freed_host_memory()  # as a replica does
     engines = {"engine": build_engine(root, names, lora_slots=128, lora_max_rank=8, max_adapters_per_step=None),
                "engine_one_adapter_per_step": build_engine(root, names, lora_slots=128, lora_max_rank=8,
                                                            max_adapters_per_step=1)}
