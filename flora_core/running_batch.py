@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 
@@ -96,10 +95,10 @@ def concat(first: RunningBatch, second: RunningBatch) -> RunningBatch:
     """Rows of `first` then rows of `second`; the one with fewer columns is padded on the left."""
     width = max(first.num_columns, second.num_columns)
     layers = [
-        (_right_aligned([k1, k2], width), _right_aligned([v1, v2], width))
+        (_right_aligned([k1, k2], width, dim=2), _right_aligned([v1, v2], width, dim=2))
         for (k1, v1), (k2, v2) in zip(_layers(first.cache), _layers(second.cache), strict=True)
     ]
-    mask = torch.cat([_pad_left(first.attention_mask, width, dim=1), _pad_left(second.attention_mask, width, dim=1)])
+    mask = _right_aligned([first.attention_mask, second.attention_mask], width, dim=1)
     batch = RunningBatch(_cache_holding(layers), mask, torch.cat([first.next_positions, second.next_positions]))
     _check(batch)
     return batch
@@ -140,27 +139,21 @@ def _cache_holding(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCa
     return cache
 
 
-def _right_aligned(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
-    """[B1 + B2 + ..., H, width, D]: the tensors' rows stacked, each one's columns at the right end
-    and zeros left of them; one copy of each (padding first and concatenating after copies twice)."""
-    first = tensors[0]
-    out = first.new_empty(sum(t.shape[0] for t in tensors), first.shape[1], width, first.shape[3])
+def _right_aligned(tensors: list[torch.Tensor], width: int, dim: int) -> torch.Tensor:
+    """The tensors' rows stacked (dim 0), each zero-padded on the left of `dim` up to `width` entries.
+
+    One copy of each tensor (padding first and concatenating after would copy twice).
+    """
+    shape = list(tensors[0].shape)
+    shape[0], shape[dim] = sum(tensor.shape[0] for tensor in tensors), width
+    out = tensors[0].new_empty(shape)
     start = 0
     for tensor in tensors:
-        rows, padding = slice(start, start + tensor.shape[0]), width - tensor.shape[2]
-        out[rows, :, :padding].zero_()
-        out[rows, :, padding:] = tensor
+        rows, padding = out.narrow(0, start, tensor.shape[0]), width - tensor.shape[dim]
+        rows.narrow(dim, 0, padding).zero_()
+        rows.narrow(dim, padding, tensor.shape[dim]).copy_(tensor)
         start += tensor.shape[0]
     return out
-
-
-def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """Zero-pad `tensor` at the start of `dim` up to `width` entries."""
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    pad = [0, 0] * (tensor.dim() - 1 - dim) + [missing, 0]  # F.pad lists the last dim first
-    return F.pad(tensor, pad)
 
 
 def _check(batch: RunningBatch) -> None:
