@@ -61,4 +61,5 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
         chat_template=CHAT_TEMPLATE,
         padding_side="left",
         model_max_length=MODEL_MAX_LENGTH,
+        model_input_names=["input_ids", "attention_mask"],  # no token_type_ids: the model takes none
     )

@@ -40,7 +40,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -207,9 +207,12 @@ class Engine:
                 kv_tokens=kv_tokens, pinned_adapters=pinned,
             )
 
-    def close(self) -> None:
-        """Stop the adapter loader thread. Requests still queued are left as they are."""
+    def close(self) -> list[RequestOutput]:
+        """End every unfinished request ("abort"), unpinning its adapter, and stop the adapter loader
+        thread; returns their last outputs. Call it where step() would be called, or once no step runs."""
+        outputs = self._end_all(RequestState.abort)
         self._loader.close()
+        return outputs
 
     # ----- the stepping thread -----
 
@@ -234,11 +237,15 @@ class Engine:
 
     def fail_all(self, error: BaseException) -> list[RequestOutput]:
         """End every request with finish_reason "error" (after a step raised); the engine starts empty."""
+        return self._end_all(lambda state: state.fail(error))
+
+    def _end_all(self, end: Callable[[RequestState], RequestOutput]) -> list[RequestOutput]:
+        """End every unfinished request with `end`, unpin every adapter, and empty the engine."""
         with self._lock:
             self._waiting += self._inbox
-            self._inbox = []
+            self._inbox, self._abort_ids = [], set()
         states = self._rows + self._prefilling + self._waiting
-        outputs = [state.fail(error) for state in states if not state.finished]
+        outputs = [end(state) for state in states if not state.finished]
         for state in states:
             self._unpin(state)
         self._rows, self._prefilling, self._waiting, self._batch, self._next_input = [], [], [], None, None

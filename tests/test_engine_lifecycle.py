@@ -150,6 +150,29 @@ def test_abort_frees_rows_cache_and_pins(setup):
     assert setup.model.pool.stats().pinned == 0
 
 
+def test_closing_a_busy_engine_aborts_its_requests_and_frees_every_slot(setup):
+    make_resident(setup, ["lora-a", "lora-b", "flora"])
+    engine = setup.engine()
+    params = SamplingParams(max_tokens=12, temperature=0)
+    running = [engine.add_request([5, 6, 7], params, adapter) for adapter in ("lora-a", "lora-b", "flora")]
+    engine.step(), engine.step()
+    queued = engine.add_request([8, 9], params, "ia3")  # in the inbox, never admitted
+    assert engine.stats().pinned_adapters == 3
+    outputs = {o.request_id: o for o in engine.close()}
+    assert sorted(outputs) == sorted(running + [queued])
+    assert {o.finish_reason for o in outputs.values()} == {"abort"}
+    assert_idle(engine.stats())
+    assert engine.stats().aborted == 4 and not engine.has_unfinished()
+    # A new engine on the same model finds both LoRA slots free: two LoRA adapters run side by side.
+    after = setup.engine()
+    ids = {adapter: after.add_request([5, 6, 7], params, adapter) for adapter in ("lora-b", "lora-a", "ia3")}
+    final = run_to_completion(after)
+    after.close()
+    for adapter, rid in ids.items():
+        assert list(final[rid].token_ids) == setup.reference(adapter, [5, 6, 7], 12)
+    assert setup.model.pool.stats().pinned == 0
+
+
 class GatedSteps:
     """Lets the engine loop thread run only as many steps as the test releases."""
 
