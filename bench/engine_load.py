@@ -38,14 +38,17 @@ from flora_core.sampling_params import SamplingParams
 
 
 def build_engine(adapter_root: Path, names: list[str], lora_slots: int, lora_max_rank: int,
-                 max_adapters_per_step: int | None) -> Engine:
-    """The replica's engine, built as the app builds it, with every adapter read into host memory."""
-    model = MultiAdapterModel.from_pretrained(default_model_dir(), capacity=SlotCapacity(
+                 max_adapters_per_step: int | None, model_dir: Path | None = None) -> Engine:
+    """The replica's engine, built as the app builds it, with every adapter read into host memory.
+
+    model_dir: a saved model with its tokenizer (default: the embedded default model)."""
+    model_dir = default_model_dir() if model_dir is None else model_dir
+    model = MultiAdapterModel.from_pretrained(model_dir, capacity=SlotCapacity(
         lora_slots=lora_slots, lora_max_rank=lora_max_rank, flora_slots=1, ia3_slots=1))
     for name in names:
         model.add_adapter(name, adapter_root / name)
         model.pool.prefetch_to_host(name)
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = EngineConfig(max_model_len=64, max_running=64, max_batched_tokens=256,
                           max_adapters_per_step=max_adapters_per_step)
     return Engine(model, config, tokenizer)
@@ -57,7 +60,7 @@ def engine_closed_loop(engine: Engine, workload: Workload, concurrency: int, dur
 
     encode: turns the workload's text prompts into token ids, for an engine without a tokenizer.
     """
-    sampler = workload.sampler(DEFAULT_MODEL_NAME, seed)
+    sampler = workload.sampler(DEFAULT_MODEL_NAME, seed)  # the name only marks base requests here
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a replica with replica_num_cpus=1 runs it
 

@@ -2,6 +2,7 @@
 
     python -m bench.serving_e2e               # the full run (~12-15 min on 2 CPU cores)
     python -m bench.serving_e2e --quick       # a smoke run (~2-3 min)
+    python -m bench.serving_e2e --model llama-moderate   # the headline points at real layer widths (~20 min)
 
 Starts the application in-process (`serve.run(build_app(...))`, HTTP on 127.0.0.1:8040) on the
 embedded default model with N random LoRA adapters (rank 8, every linear layer) written to a
@@ -23,6 +24,11 @@ uniform-100 and one adapter per batch at the saturation concurrency, streamed an
 with the range: on a shared machine the load drifts over minutes, and points measured minutes
 apart differ by more than the gaps the targets are about. The engine-only points do the same.
 
+`--model llama-moderate` serves bench/overhead_model.py's Llama-style model instead (TinyLlama-1.1B's
+layer shapes, 4 layers, random weights, saved to a temporary folder with the embedded model's character
+tokenizer, whose 76 entries replace its vocabulary): the headline and engine-only points over 100
+adapters, where a step costs what real layers cost rather than what a 256-wide toy's costs.
+
 Before measuring, every adapter is requested once (one token each), so adapters sit in the host
 cache (no disk reads inside a point); device slots (128 LoRA slots) still load and evict as
 traffic moves between adapters.
@@ -42,9 +48,10 @@ import httpx
 import ray
 import torch
 from ray import serve
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from bench.engine_load import build_engine, engine_closed_loop
+from bench.overhead_model import MODERATE_LLAMA
 from bench.serving_load import Workload, closed_loop, poisson, summarize
 from bench.result_files import write_results
 from bench.serving_report import write_markdown, write_plots
@@ -81,9 +88,12 @@ def headline_points(saturation: int) -> list[Point]:
             for app, workload in (("ours", "base"), ("ours", "uniform-100"), ("one_adapter_per_step", "uniform-100"))]
 
 
-def plan(quick: bool, rates: tuple[float, ...], saturation: int, rounds: int) -> list[Point]:
+def plan(quick: bool, rates: tuple[float, ...], saturation: int, rounds: int, headline_only: bool = False
+         ) -> list[Point]:
     """Every point in the order it runs: the headline rounds first, then the rest once each."""
     first = [replace(p, round=k) for k, p in interleaved(headline_points(saturation), rounds)]
+    if headline_only:
+        return first
     if quick:
         return first + [Point("ours", "uniform-100", rate=rates[len(rates) // 2])]
     ours = [Point("ours", w, saturation) for w in (*(f"uniform-{n}" for n in ADAPTER_COUNTS if n != 100),
@@ -102,9 +112,30 @@ def workload(label: str, names: list[str], stream: bool = True) -> Workload:
     return Workload(label, tuple(names[: int(count)]), distribution=distribution, stream=stream)
 
 
-def write_lora_adapters(root: Path, count: int, rank: int) -> list[str]:
-    """`count` random LoRA adapters of `rank` on every linear layer of the default model."""
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir(), local_files_only=True)
+MODELS = {DEFAULT_MODEL_NAME: "the embedded default model",
+          "llama-moderate": "llama-moderate (TinyLlama-1.1B's layer shapes, 4 layers, random weights)"}
+
+
+def saved_model(name: str, folder: Path) -> Path:
+    """The model directory to serve: the embedded default's, or llama-moderate saved under folder.
+
+    llama-moderate is MODERATE_LLAMA with the embedded model's character tokenizer (its vocabulary,
+    76 entries, replaces the 8192 there: the output head shrinks, the layers are TinyLlama's)."""
+    if name == DEFAULT_MODEL_NAME:
+        return default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**MODERATE_LLAMA, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
+    path = folder / name
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_lora_adapters(root: Path, count: int, rank: int, model_dir: Path) -> list[str]:
+    """`count` random LoRA adapters of `rank` on every linear layer of the model in model_dir."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     shapes = {n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features)
               for n in find_target_layers(model, "all-linear")}
     gen = torch.Generator().manual_seed(0)
@@ -118,17 +149,19 @@ def write_lora_adapters(root: Path, count: int, rank: int) -> list[str]:
     return names
 
 
-def app_args(adapter_root: Path, one_adapter_per_step: bool) -> dict:
-    return {"model": DEFAULT_MODEL_NAME, "adapter_dir": str(adapter_root), "max_model_len": 64,
+def app_args(adapter_root: Path, one_adapter_per_step: bool, model_dir: Path | None = None) -> dict:
+    """The app's arguments; model_dir None: the embedded default model."""
+    model = DEFAULT_MODEL_NAME if model_dir is None or model_dir == default_model_dir() else str(model_dir)
+    return {"model": model, "adapter_dir": str(adapter_root), "max_model_len": 64,
             "lora_slots": 128, "lora_max_rank": 8, "flora_slots": 1, "ia3_slots": 1, "max_running": 64,
             "max_batch_size": 32, "max_queued_requests": 1024, "replica_num_cpus": 1,
             "max_adapters_per_step": 1 if one_adapter_per_step else None}
 
 
-async def warm_up(url: str, names: list[str]) -> float:
+async def warm_up(url: str, names: list[str], base_name: str) -> float:
     """Request every adapter (and the base model) once with one token: adapters reach the host cache."""
     start = time.perf_counter()
-    queue = [DEFAULT_MODEL_NAME, *names]
+    queue = [base_name, *names]
 
     async def worker(http: httpx.AsyncClient) -> None:
         while queue:
@@ -144,13 +177,18 @@ async def warm_up(url: str, names: list[str]) -> float:
 ROUTES = {"ours": "/", "one_adapter_per_step": "/one"}  # both applications run side by side
 
 
+def base_name(model_dir: Path) -> str:
+    """The base model's name in the API: the default's, or the served directory's name."""
+    return DEFAULT_MODEL_NAME if model_dir == default_model_dir() else model_dir.name
+
+
 def completions_url(app: str) -> str:
     return f"http://127.0.0.1:{PORT}{ROUTES[app].rstrip('/')}/v1/completions"
 
 
-def run_point(point: Point, names: list[str], duration_s: float, seed: int) -> dict:
+def run_point(point: Point, names: list[str], duration_s: float, seed: int, base_name: str) -> dict:
     url = completions_url(point.app)
-    sampler = workload(point.workload, names, point.stream).sampler(DEFAULT_MODEL_NAME, seed)
+    sampler = workload(point.workload, names, point.stream).sampler(base_name, seed)
     load_before = load_average()
     if point.mode == "closed":
         records, elapsed = asyncio.run(closed_loop(url, sampler, point.concurrency, duration_s))
@@ -168,12 +206,12 @@ def run_point(point: Point, names: list[str], duration_s: float, seed: int) -> d
     return stats
 
 
-def run_engine_points(root: Path, names: list[str], args) -> list[dict]:
+def run_engine_points(root: Path, names: list[str], args, model_dir: Path) -> list[dict]:
     """The same closed loop straight against the engine (no Ray, no HTTP), in interleaved rounds."""
     keep_freed_host_memory()  # as a replica does
-    engines = {"engine": build_engine(root, names, lora_slots=128, lora_max_rank=8, max_adapters_per_step=None),
-               "engine_one_adapter_per_step": build_engine(root, names, lora_slots=128, lora_max_rank=8,
-                                                           max_adapters_per_step=1)}
+    engines = {app: build_engine(root, names, lora_slots=128, lora_max_rank=8, max_adapters_per_step=limit,
+                                 model_dir=model_dir)
+               for app, limit in (("engine", None), ("engine_one_adapter_per_step", 1))}
     points = [("engine", w) for w in dict.fromkeys(("base", "uniform-100", f"uniform-{len(names)}"))]
     points.append(("engine_one_adapter_per_step", "uniform-100"))
     results = []
@@ -192,14 +230,14 @@ def run_engine_points(root: Path, names: list[str], args) -> list[dict]:
     return results
 
 
-def deploy_apps(root: Path, names: list[str]) -> dict:
+def deploy_apps(root: Path, names: list[str], model_dir: Path) -> dict:
     """Both applications, side by side (ROUTES), each warmed with every adapter; their start-up times."""
     apps = {}
     for app, route in ROUTES.items():
         started = time.perf_counter()
-        serve.run(build_app(app_args(root, app == "one_adapter_per_step")), name=app, route_prefix=route)
+        serve.run(build_app(app_args(root, app == "one_adapter_per_step", model_dir)), name=app, route_prefix=route)
         ready_s = time.perf_counter() - started
-        warm_s = asyncio.run(warm_up(completions_url(app), names))
+        warm_s = asyncio.run(warm_up(completions_url(app), names, base_name(model_dir)))
         print(f"{app}: ready in {ready_s:.1f} s, warm-up ({len(names)} adapters) {warm_s:.1f} s", flush=True)
         apps[app] = {"ready_s": round(ready_s, 1), "warm_up_s": round(warm_s, 1)}
     return apps
@@ -208,6 +246,8 @@ def deploy_apps(root: Path, names: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 points of 5 s, 100 adapters")
+    parser.add_argument("--model", default=DEFAULT_MODEL_NAME, choices=list(MODELS),
+                        help="llama-moderate: only the headline and engine-only points, 100 adapters, 30 s points")
     parser.add_argument("--duration", type=float, default=None, help="seconds per point (default 15; quick 5)")
     parser.add_argument("--saturation", type=int, default=32, help="closed-loop concurrency of the main points")
     parser.add_argument("--rates", type=float, nargs="+", default=[4.0, 8.0, 12.0], help="Poisson rates, req/s")
@@ -220,22 +260,25 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     parser.add_argument("--tag", default=None, help="file name stem (default: serving_e2e or serving_e2e_quick)")
     args = parser.parse_args()
-    args.duration = args.duration or (5.0 if args.quick else 15.0)
-    args.engine_duration = args.engine_duration or (4.0 if args.quick else 10.0)
+    moderate = args.model != DEFAULT_MODEL_NAME  # a step takes ~0.4 s there: longer points, fewer of them
+    args.duration = args.duration or (5.0 if args.quick else 30.0 if moderate else 15.0)
+    args.engine_duration = args.engine_duration or (4.0 if args.quick else 20.0 if moderate else 10.0)
     args.rounds = args.rounds or (1 if args.quick else 3)
-    points = plan(args.quick, tuple(args.rates), args.saturation, args.rounds)
-    stem = args.tag or ("serving_e2e_quick" if args.quick else "serving_e2e")
+    points = plan(args.quick, tuple(args.rates), args.saturation, args.rounds, headline_only=moderate)
+    stem = args.tag or ("serving_e2e_quick" if args.quick else "serving_e2e") + (f"_{args.model}" if moderate else "")
     info = machine_info(torch.device("cpu"))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        names = write_lora_adapters(Path(tmp), 100 if args.quick else max(ADAPTER_COUNTS), args.rank)
+        model_dir, root = saved_model(args.model, Path(tmp)), Path(tmp) / "adapters"
+        names = write_lora_adapters(root, 100 if args.quick or moderate else max(ADAPTER_COUNTS), args.rank, model_dir)
         print(f"wrote {len(names)} adapters in {time.perf_counter() - started:.1f} s", flush=True)
-        engine_results = run_engine_points(Path(tmp), names, args)
+        engine_results = run_engine_points(root, names, args, model_dir)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-            apps = deploy_apps(Path(tmp), names)
-            results = [run_point(p, names, args.duration, args.seed + i) for i, p in enumerate(points)]
+            apps = deploy_apps(root, names, model_dir)
+            results = [run_point(p, names, args.duration, args.seed + i, base_name(model_dir))
+                       for i, p in enumerate(points)]
             for app in ROUTES:
                 apps[app]["replicas"] = serve.get_app_handle(app).replica_stats.remote().result()
         finally:
@@ -244,7 +287,9 @@ def main() -> None:
     info |= {"load_average_after": load_average(), "seconds": round(time.perf_counter() - started)}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result = {"machine": info, "command": " ".join(["python -m bench.serving_e2e", *sys.argv[1:]]),
-              "settings": settings, "app_args": app_args(Path("<tmp>"), False), "adapters": len(names),
+              "settings": settings, "app_args": app_args(Path("<tmp>/adapters"), False, None if not moderate else
+                                                         Path("<tmp>") / args.model),
+              "model_description": MODELS[args.model], "adapters": len(names),
               "apps": apps, "workload": asdict(Workload("default", ())), "results": results,
               "engine_only": engine_results}
     write_results(result, args.out_dir, stem, write_markdown, write_plots)

@@ -131,10 +131,15 @@ def engine_table(result: dict) -> list[str]:
     return lines + [""]
 
 
+def model_description(result: dict) -> str:
+    """The served model in words (results written before the --model option served the default)."""
+    return result.get("model_description", "the embedded default model")
+
+
 def write_markdown(result: dict, path: Path) -> None:
     m, s, w = result["machine"], result["settings"], result["workload"]
     lines = [f"# End-to-end serving: {result['adapters']} LoRA adapters (rank {s['rank']}, every linear layer) on "
-             "the embedded default model", "",
+             f"{model_description(result)}", "",
              f"Machine: {m['cpu']} ({m['cpu_count']} cores), torch {m['torch']}; everything on this machine: "
              "Ray (the replica with 1 CPU and 1 torch thread, ingress, proxy, controller) and the load generator "
              f"(httpx, streaming). Load average (1, 5, 15 min) at start: {m['load_average_1_5_15']}, at the end: "
@@ -214,7 +219,7 @@ def _throughput_plot(result: dict, path: Path) -> Path | None:
     else:
         ax_engine.axis("off")
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
-    fig.suptitle("Throughput on the embedded tiny model, CPU", fontsize=11)
+    fig.suptitle(f"Throughput on {model_description(result)}, CPU", fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)

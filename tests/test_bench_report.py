@@ -42,6 +42,13 @@ def test_plan_runs_headline_points_once_per_round_and_every_other_point_once():
     assert all(p.round is None for p in points[6 * rounds:])
 
 
+def test_a_headline_only_plan_runs_just_the_headline_rounds():
+    points = plan(quick=False, rates=(4.0, 8.0), saturation=SATURATION, rounds=2, headline_only=True)
+    assert len(points) == 6 * 2 and {p.round for p in points} == {0, 1}
+    assert {Point(p.app, p.workload, p.concurrency, p.rate, p.stream) for p in points} == set(
+        headline_points(SATURATION))
+
+
 def _point(app, workload, tokens_per_s, round_=None, stream=True, concurrency=SATURATION):
     return {"app": app, "workload": workload, "concurrency": concurrency, "rate": None, "stream": stream,
             "round": round_, "mode": "closed", "output_tokens_per_s": tokens_per_s,
