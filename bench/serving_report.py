@@ -266,7 +266,7 @@ def _concurrency_plot(result: dict, path: Path) -> Path | None:
     rows = {w: sorted((r for r in result["results"] if r["app"] == "ours" and r["workload"] == w
                        and r["concurrency"] is not None and r.get("stream", True)), key=lambda r: r["concurrency"])
             for w in ("base", "uniform-100")}
-    if min(len(v) for v in rows.values()) < 2:
+    if min(len({r["concurrency"] for r in v}) for v in rows.values()) < 2:  # no sweep: one concurrency
         return None
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for workload, color in (("base", "black"), ("uniform-100", "tab:blue")):
