@@ -2,7 +2,7 @@
 
     python -m bench.serving_e2e               # the full run (~12-15 min on 2 CPU cores)
     python -m bench.serving_e2e --quick       # a smoke run (~2-3 min)
-    python -m bench.serving_e2e --model llama-moderate   # the headline points at real layer widths (~20 min)
+    python -m bench.serving_e2e --model llama-moderate   # the headline points at real layer widths (~17 min)
 
 Starts the application in-process (`serve.run(build_app(...))`, HTTP on 127.0.0.1:8040) on the
 embedded default model with N random LoRA adapters (rank 8, every linear layer) written to a
@@ -287,8 +287,8 @@ def main() -> None:
     info |= {"load_average_after": load_average(), "seconds": round(time.perf_counter() - started)}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     result = {"machine": info, "command": " ".join(["python -m bench.serving_e2e", *sys.argv[1:]]),
-              "settings": settings, "app_args": app_args(Path("<tmp>/adapters"), False, None if not moderate else
-                                                         Path("<tmp>") / args.model),
+              "settings": settings,
+              "app_args": app_args(Path("<tmp>/adapters"), False, Path("<tmp>") / args.model if moderate else None),
               "model_description": MODELS[args.model], "adapters": len(names),
               "apps": apps, "workload": asdict(Workload("default", ())), "results": results,
               "engine_only": engine_results}

@@ -68,6 +68,12 @@ def test_tokenizer_covers_its_characters_and_maps_others_to_unk():
     assert tok.encode("a~b", add_special_tokens=False)[1] == tok.unk_token_id
 
 
+def test_both_tokenizers_give_only_what_the_model_takes(shipped):
+    """No token_type_ids: transformers 4.x's generate() refuses them for a Llama."""
+    for tok in (build_char_tokenizer(), shipped[1]):
+        assert set(tok(["ab=", "abcd="], padding=True)) == {"input_ids", "attention_mask"}
+
+
 def test_tokenizer_adds_bos_and_pads_left():
     tok = build_char_tokenizer()
     assert tok("ab=").input_ids == [tok.bos_token_id, *tok.encode("ab=", add_special_tokens=False)]
