@@ -56,7 +56,7 @@ from flora_core.request_state import RequestState
 from flora_core.request_validation import (
     check_full_attention, check_max_model_len, check_request, eos_token_ids, prompt_token_ids,
 )
-from flora_core.running_batch import RunningBatch, advance, after_prefill, concat, decode_inputs, prefill_inputs, select
+from flora_core.running_batch import RunningBatch, advance, after_prefill, decode_inputs, prefill_inputs, regroup
 from flora_core.sampler import SamplingBatch, next_tokens, token_logprobs
 from flora_core.sampling_params import SamplingParams
 from flora_core.structured_output import GrammarCompiler, StructuredOutput
@@ -228,9 +228,7 @@ class Engine:
         if self._prefilling:
             joining, prefill_outputs = self._prefill(self._prefilling)
             outputs += prefill_outputs
-        self._batch, self._rows, self._next_input = self._keep_unfinished(self._batch, self._rows, self._next_input)
-        for prefilled in joining:
-            self._join(*self._keep_unfinished(*prefilled))
+        self._regroup([(self._batch, self._rows, self._next_input), *joining])
         self._prefilling = []
         self._finish_bookkeeping(outputs)
         return outputs
@@ -264,7 +262,7 @@ class Engine:
             if state.request_id in aborts and not state.finished:
                 outputs.append(state.abort())
         self._waiting = [state for state in self._waiting if not state.finished]
-        self._batch, self._rows, self._next_input = self._keep_unfinished(self._batch, self._rows, self._next_input)
+        self._regroup([(self._batch, self._rows, self._next_input)])
 
     def _admit(self, outputs: list[RequestOutput]) -> list[RequestState]:
         """Waiting requests that fit this step, in arrival order, each with its adapter pinned.
@@ -372,26 +370,25 @@ class Engine:
                    enumerate(zip(states, tokens.tolist()))]
         return tokens, outputs
 
-    def _keep_unfinished(self, batch: RunningBatch | None, rows: list[RequestState], next_input: torch.Tensor | None):
-        """Drop finished rows from a batch (unpinning their adapters)."""
-        keep = [i for i, state in enumerate(rows) if not state.finished]
-        for state in rows:
-            if state.finished:
-                self._unpin(state)
-        if batch is None or len(keep) == len(rows):
-            return batch, rows, next_input
-        index = torch.tensor(keep, dtype=torch.long, device=next_input.device)
-        return select(batch, keep), [rows[i] for i in keep], next_input.index_select(0, index)
-
-    def _join(self, batch: RunningBatch | None, rows: list[RequestState], next_input: torch.Tensor | None) -> None:
-        if batch is None:
+    def _regroup(self, parts: list[tuple[RunningBatch | None, list[RequestState], torch.Tensor | None]]) -> None:
+        """Make the running batch of the unfinished rows of `parts`, each a (batch, rows, next input):
+        the running batch first, then those prefilled this step. Finished rows' adapters are unpinned;
+        the cache is copied (once) only where a row leaves or joins."""
+        parts = [part for part in parts if part[0] is not None]
+        keeps = []
+        for _, rows, _ in parts:
+            for state in rows:
+                if state.finished:
+                    self._unpin(state)
+            keeps.append([i for i, state in enumerate(rows) if not state.finished])
+        if len(parts) == 1 and len(keeps[0]) == len(parts[0][1]):  # no row leaves, none joins
+            self._batch, self._rows, self._next_input = parts[0]
             return
-        if self._batch is None:
-            self._batch, self._rows, self._next_input = batch, rows, next_input
-            return
-        self._batch = concat(self._batch, batch)
-        self._rows = self._rows + rows
-        self._next_input = torch.cat([self._next_input, next_input])
+        self._batch = regroup([(batch, keep) for (batch, _, _), keep in zip(parts, keeps, strict=True)])
+        self._rows = [rows[i] for (_, rows, _), keep in zip(parts, keeps, strict=True) for i in keep]
+        self._next_input = None if self._batch is None else torch.cat([
+            next_input.index_select(0, torch.tensor(keep, dtype=torch.long, device=next_input.device))
+            for (_, _, next_input), keep in zip(parts, keeps, strict=True)])
 
     def _finish_bookkeeping(self, outputs: list[RequestOutput]) -> None:
         """Count the requests that ended, forget their ids, and publish the occupancy."""

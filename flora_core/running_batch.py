@@ -5,9 +5,10 @@ its tokens end in the last column and the columns left of them are padding, mask
 one decode step appends one column for every row, whatever their lengths.
 
 - `prefill_inputs`: new prompts as one left-padded [B, S] batch (its own forward pass).
-- `concat`: the prefilled batch joins the running one; the shorter cache is left-padded.
-- `select`: keep some rows (finished and aborted ones leave), then drop the left columns
-  that are padding in every remaining row, so the cache shrinks when long rows go.
+- `regroup`: the rows kept of the running batch (finished and aborted ones leave) and of the
+  batches prefilled this step (which join), in one batch: each drops the left columns that are
+  padding in all its kept rows, so the cache shrinks when long rows go, and the narrower are
+  left-padded to the widest. One copy of each kept row.
 
 The model's forward appends each step's keys and values to `cache` in place; `advance` then
 returns the batch with the mask and positions of that new column.
@@ -91,36 +92,79 @@ def advance(batch: RunningBatch) -> RunningBatch:
     return advanced
 
 
-def concat(first: RunningBatch, second: RunningBatch) -> RunningBatch:
-    """Rows of `first` then rows of `second`; the one with fewer columns is padded on the left."""
-    width = max(first.num_columns, second.num_columns)
+def regroup(parts: Sequence[tuple[RunningBatch, Sequence[int]]]) -> RunningBatch | None:
+    """One batch of the kept rows of every part: part by part, each part's `rows` (indices) in that order.
+
+    None if no row is kept. A part first drops the left columns that are padding in all its kept rows;
+    the narrower parts are then padded on the left to the widest. Every kept row is copied once: a
+    filter and a join in the same step cost one copy of the cache, not two.
+    """
+    pieces = [_Piece.of(batch, rows) for batch, rows in parts if rows]
+    if not pieces:
+        return None
+    width = max(piece.width for piece in pieces)
+    caches = [_layers(piece.batch.cache) for piece in pieces]  # [piece][layer] = (keys, values)
     layers = [
-        (_right_aligned([k1, k2], width, dim=2), _right_aligned([v1, v2], width, dim=2))
-        for (k1, v1), (k2, v2) in zip(_layers(first.cache), _layers(second.cache), strict=True)
+        (_gathered([cache[layer][0] for cache in caches], pieces, width, dim=2),
+         _gathered([cache[layer][1] for cache in caches], pieces, width, dim=2))
+        for layer in range(len(caches[0]))
     ]
-    mask = _right_aligned([first.attention_mask, second.attention_mask], width, dim=1)
-    batch = RunningBatch(_cache_holding(layers), mask, torch.cat([first.next_positions, second.next_positions]))
+    mask = _gathered([piece.batch.attention_mask for piece in pieces], pieces, width, dim=1)
+    positions = torch.cat([piece.kept(piece.batch.next_positions) for piece in pieces])
+    batch = RunningBatch(_cache_holding(layers), mask, positions)
     _check(batch)
     return batch
 
 
-def select(batch: RunningBatch, rows: Sequence[int]) -> RunningBatch | None:
-    """Keep `rows` (indices, in the new order); None if none is kept.
+@dataclass(frozen=True)
+class _Piece:
+    """The rows kept of one batch: their indices (None: every row, in order) and first real column."""
 
-    Left columns that are padding in every kept row are dropped.
+    batch: RunningBatch
+    index: torch.Tensor | None  # [n] long
+    num_rows: int
+    first: int  # columns left of it are padding in every kept row
+
+    @classmethod
+    def of(cls, batch: RunningBatch, rows: Sequence[int]) -> "_Piece":
+        rows = list(rows)
+        if rows == list(range(batch.num_rows)):
+            index, mask = None, batch.attention_mask
+        else:
+            index = torch.tensor(rows, dtype=torch.long, device=batch.attention_mask.device)
+            mask = batch.attention_mask.index_select(0, index)
+        first = int(torch.nonzero(mask.any(dim=0)).min())  # every row holds at least its prompt
+        return cls(batch, index, len(rows), first)
+
+    @property
+    def width(self) -> int:
+        return self.batch.num_columns - self.first
+
+    def kept(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The kept rows (dim 0) of one of the batch's tensors."""
+        return tensor if self.index is None else tensor.index_select(0, self.index)
+
+
+def _gathered(tensors: list[torch.Tensor], pieces: list[_Piece], width: int, dim: int) -> torch.Tensor:
+    """Each piece's kept rows of its tensor, from its first column along `dim`, stacked (dim 0) and
+    zero-padded on the left of `dim` up to `width` entries: one copy of each kept row.
     """
-    if not rows:
-        return None
-    index = torch.tensor(list(rows), dtype=torch.long, device=batch.attention_mask.device)
-    mask = batch.attention_mask.index_select(0, index)
-    first = int(torch.nonzero(mask.any(dim=0)).min())  # every row holds at least its prompt
-    layers = [  # the kept columns only are copied
-        (keys[:, :, first:].index_select(0, index), values[:, :, first:].index_select(0, index))
-        for keys, values in _layers(batch.cache)
-    ]
-    kept = RunningBatch(_cache_holding(layers), mask[:, first:], batch.next_positions.index_select(0, index))
-    _check(kept)
-    return kept
+    shape = list(tensors[0].shape)
+    shape[0], shape[dim] = sum(piece.num_rows for piece in pieces), width
+    out = tensors[0].new_empty(shape)
+    start = 0
+    for tensor, piece in zip(tensors, pieces, strict=True):
+        source = tensor.narrow(dim, piece.first, piece.width)
+        rows, padding = out.narrow(0, start, piece.num_rows), width - piece.width
+        rows.narrow(dim, 0, padding).zero_()
+        if piece.index is None:
+            rows.narrow(dim, padding, piece.width).copy_(source)
+        elif padding == 0:  # these rows of `out` are contiguous: gather straight into them
+            torch.index_select(source, 0, piece.index, out=rows)
+        else:
+            rows.narrow(dim, padding, piece.width).copy_(source.index_select(0, piece.index))
+        start += piece.num_rows
+    return out
 
 
 def _layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -137,23 +181,6 @@ def _cache_holding(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCa
     for layer, (keys, values) in zip(cache.layers, layers, strict=True):
         layer.keys, layer.values = keys, values
     return cache
-
-
-def _right_aligned(tensors: list[torch.Tensor], width: int, dim: int) -> torch.Tensor:
-    """The tensors' rows stacked (dim 0), each zero-padded on the left of `dim` up to `width` entries.
-
-    One copy of each tensor (padding first and concatenating after would copy twice).
-    """
-    shape = list(tensors[0].shape)
-    shape[0], shape[dim] = sum(tensor.shape[0] for tensor in tensors), width
-    out = tensors[0].new_empty(shape)
-    start = 0
-    for tensor in tensors:
-        rows, padding = out.narrow(0, start, tensor.shape[0]), width - tensor.shape[dim]
-        rows.narrow(dim, 0, padding).zero_()
-        rows.narrow(dim, padding, tensor.shape[dim]).copy_(tensor)
-        start += tensor.shape[0]
-    return out
 
 
 def _check(batch: RunningBatch) -> None:
