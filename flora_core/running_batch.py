@@ -96,8 +96,9 @@ def regroup(parts: Sequence[tuple[RunningBatch, Sequence[int]]]) -> RunningBatch
     """One batch of the kept rows of every part: part by part, each part's `rows` (indices) in that order.
 
     None if no row is kept. A part first drops the left columns that are padding in all its kept rows;
-    the narrower parts are then padded on the left to the widest. Every kept row is copied once: a
-    filter and a join in the same step cost one copy of the cache, not two.
+    the narrower parts are then padded on the left to the widest. Every kept row is copied once (twice
+    in a narrower part that also loses rows), so rows leaving and joining in one step cost one copy of
+    the cache, not two. parts: (batch, rows) each; the rows' keys and values are [H, L, D] per layer.
     """
     pieces = [_Piece.of(batch, rows) for batch, rows in parts if rows]
     if not pieces:
