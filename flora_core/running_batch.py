@@ -96,9 +96,8 @@ def regroup(parts: Sequence[tuple[RunningBatch, Sequence[int]]]) -> RunningBatch
     """One batch of the kept rows of every part: part by part, each part's `rows` (indices) in that order.
 
     None if no row is kept. A part first drops the left columns that are padding in all its kept rows;
-    the narrower parts are then padded on the left to the widest. Every kept row is copied once (twice
-    in a narrower part that also loses rows), so rows leaving and joining in one step cost one copy of
-    the cache, not two. parts: (batch, rows) each; the rows' keys and values are [H, L, D] per layer.
+    the narrower parts are then padded on the left to the widest. Every kept row is copied once, so
+    rows leaving and joining in one step cost one copy of the cache, not two. parts: (batch, rows) each; the rows' keys and values are [H, L, D] per layer.
     """
     pieces = [_Piece.of(batch, rows) for batch, rows in parts if rows]
     if not pieces:
@@ -158,12 +157,11 @@ def _gathered(tensors: list[torch.Tensor], pieces: list[_Piece], width: int, dim
         source = tensor.narrow(dim, piece.first, piece.width)
         rows, padding = out.narrow(0, start, piece.num_rows), width - piece.width
         rows.narrow(dim, 0, padding).zero_()
+        target = rows.narrow(dim, padding, piece.width)
         if piece.index is None:
-            rows.narrow(dim, padding, piece.width).copy_(source)
-        elif padding == 0:  # these rows of `out` are contiguous: gather straight into them
-            torch.index_select(source, 0, piece.index, out=rows)
-        else:
-            rows.narrow(dim, padding, piece.width).copy_(source.index_select(0, piece.index))
+            target.copy_(source)
+        else:  # gathered straight into place (a strided `out` is written, not replaced)
+            torch.index_select(source, 0, piece.index, out=target)
         start += piece.num_rows
     return out
 
