@@ -175,11 +175,7 @@ async def warm_up(url: str, names: list[str], base_name: str) -> float:
 
 
 ROUTES = {"ours": "/", "one_adapter_per_step": "/one"}  # both applications run side by side
-
-
-def base_name(model_dir: Path) -> str:
-    """The base model's name in the API: the default's, or the served directory's name."""
-    return DEFAULT_MODEL_NAME if model_dir == default_model_dir() else model_dir.name
+# The base model's name in the API is its directory's: the embedded default's is DEFAULT_MODEL_NAME.
 
 
 def completions_url(app: str) -> str:
@@ -237,7 +233,7 @@ def deploy_apps(root: Path, names: list[str], model_dir: Path) -> dict:
         started = time.perf_counter()
         serve.run(build_app(app_args(root, app == "one_adapter_per_step", model_dir)), name=app, route_prefix=route)
         ready_s = time.perf_counter() - started
-        warm_s = asyncio.run(warm_up(completions_url(app), names, base_name(model_dir)))
+        warm_s = asyncio.run(warm_up(completions_url(app), names, model_dir.name))
         print(f"{app}: ready in {ready_s:.1f} s, warm-up ({len(names)} adapters) {warm_s:.1f} s", flush=True)
         apps[app] = {"ready_s": round(ready_s, 1), "warm_up_s": round(warm_s, 1)}
     return apps
@@ -277,7 +273,7 @@ def main() -> None:
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": PORT})
             apps = deploy_apps(root, names, model_dir)
-            results = [run_point(p, names, args.duration, args.seed + i, base_name(model_dir))
+            results = [run_point(p, names, args.duration, args.seed + i, model_dir.name)
                        for i, p in enumerate(points)]
             for app in ROUTES:
                 apps[app]["replicas"] = serve.get_app_handle(app).replica_stats.remote().result()

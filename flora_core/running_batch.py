@@ -97,7 +97,8 @@ def regroup(parts: Sequence[tuple[RunningBatch, Sequence[int]]]) -> RunningBatch
 
     None if no row is kept. A part first drops the left columns that are padding in all its kept rows;
     the narrower parts are then padded on the left to the widest. Every kept row is copied once, so
-    rows leaving and joining in one step cost one copy of the cache, not two. parts: (batch, rows) each; the rows' keys and values are [H, L, D] per layer.
+    rows leaving and joining in one step cost one copy of the cache, not two. parts: (batch, rows)
+    each; a batch's keys and values are [B, H, L, D] per layer.
     """
     pieces = [_Piece.of(batch, rows) for batch, rows in parts if rows]
     if not pieces:

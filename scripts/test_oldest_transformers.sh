@@ -16,7 +16,8 @@ if [ ! -d "$TARGET" ]; then
   echo "oldest: installing transformers==$OLDEST into $TARGET"
   .venv/bin/python -m pip install --quiet --target "$TARGET" "transformers==$OLDEST"
 fi
-PYTHONPATH="$TARGET" .venv/bin/python -c "import transformers; print('oldest: testing transformers', transformers.__version__)"
+PYTHONPATH="$TARGET" .venv/bin/python -c \
+  "import transformers; print('oldest: testing transformers', transformers.__version__)"
 PYTHONPATH="$TARGET" exec .venv/bin/python -m pytest -q -m "not slow" -p no:cacheprovider \
   tests/test_running_batch.py tests/test_engine_parity.py tests/test_engine_text.py tests/test_engine_sampling.py \
   tests/test_engine_lifecycle.py tests/test_default_model.py tests/test_batched_parity.py tests/test_peft_parity.py \
