@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaF
 from bench.overhead_layer import OverheadCase, StrategySwitch, lora_strategy_switch
 from bench.timing import Timer
 from flora_core.adapter_weights import AdapterKind, AdapterWeights, FloraModule, LoraModule
+from flora_core.cache_argument import cache_kwargs
 from flora_core.default_model import default_model_dir
 from flora_core.multi_adapter_linear import SlotCapacity
 from flora_core.multi_adapter_model import MultiAdapterModel
@@ -157,7 +158,7 @@ class ModelBench:
             swap()
             reset_cache(cache, self.context)
 
-        return lambda: forward({"input_ids": ids, "past_key_values": cache, "use_cache": True}), setup
+        return lambda: forward({"input_ids": ids, **cache_kwargs(self.model.model, cache), "use_cache": True}), setup
 
     def _loop_call(self, case: OverheadCase, ids: torch.Tensor, row_slots):
         """One forward per adapter group (rows i with i % D == g), each over a cache of its own."""
@@ -171,7 +172,7 @@ class ModelBench:
         def loop():
             for group_ids, slots, cache in groups:
                 kwargs = ({"input_ids": group_ids, "use_cache": False, "logits_to_keep": 1} if cache is None else
-                          {"input_ids": group_ids, "past_key_values": cache, "use_cache": True})
+                          {"input_ids": group_ids, **cache_kwargs(self.model.model, cache), "use_cache": True})
                 with self.model.adapter_scope(slots, case.tokens_per_row):
                     self.model.model(**kwargs)
 
@@ -190,7 +191,7 @@ class ModelBench:
             cache = DynamicCache()
             ids = torch.randint(3, self.vocab, (rows, self.context), generator=torch.Generator().manual_seed(rows))
             with torch.inference_mode(), self.swap.originals():
-                self.model.model(input_ids=ids.to(self.device), past_key_values=cache, use_cache=True)
+                self.model.model(input_ids=ids.to(self.device), **cache_kwargs(self.model.model, cache), use_cache=True)
             self._caches[key] = cache
         return self._caches[key]
 

@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from flora_core.cache_argument import cache_kwargs
 from flora_core.demo_adapters import DEMO_KINDS, KIND_LABELS, demo_adapter_name, demo_adapters_dir, load_demo_model
 from flora_core.demo_tasks import MAX_WORD_LEN, TASKS, exact_match_accuracy, make_examples
 from flora_core.multi_adapter_model import MultiAdapterModel
@@ -68,7 +69,7 @@ def greedy_decode(
     new_tokens = []
     for _ in range(max_new_tokens):
         logits = model(ids, adapter_names, attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True).logits
+                       **cache_kwargs(model.model, cache), use_cache=True).logits
         token = logits[:, -1].argmax(-1).masked_fill(done, tok.pad_token_id)
         new_tokens.append(token)
         done |= token == tok.eos_token_id

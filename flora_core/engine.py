@@ -47,6 +47,7 @@ from transformers import DynamicCache
 
 from flora_core.adapter_loader import AdapterLoader
 from flora_core.adapter_pool import PoolExhaustedError, UnknownAdapterError
+from flora_core.cache_argument import cache_kwargs
 from flora_core.detokenizer import TextCodec
 from flora_core.multi_adapter_model import MultiAdapterModel
 from flora_core.penalties import PenaltyBatch
@@ -318,7 +319,8 @@ class Engine:
         """One token for every running row, in one forward pass."""
         inputs = decode_inputs(self._batch, self._next_input)
         with self._model.adapter_scope([state.slot for state in self._rows], 1):
-            logits = self._model.model(**inputs, use_cache=True).logits[:, -1]
+            logits = self._model.model(**inputs, **cache_kwargs(self._model.model, self._batch.cache),
+                                       use_cache=True).logits[:, -1]
         self._batch = advance(self._batch)
         self._next_input, outputs = self._sample(self._rows, logits)
         return outputs
@@ -345,7 +347,7 @@ class Engine:
         with self._model.adapter_scope([state.slot for state in states], inputs.input_ids.shape[1]):
             logits = self._model.model(
                 input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=0 if every_position else 1,
+                **cache_kwargs(self._model.model, cache), use_cache=True, logits_to_keep=0 if every_position else 1,
             ).logits  # [rows, S or 1, V]
         if every_position:
             for row, state in enumerate(states):

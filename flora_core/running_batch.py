@@ -73,14 +73,14 @@ def after_prefill(cache: DynamicCache, inputs: PrefillInputs) -> RunningBatch:
     return batch
 
 
-def decode_inputs(batch: RunningBatch, tokens: torch.Tensor) -> dict[str, torch.Tensor | DynamicCache]:
-    """Forward kwargs for one decode step: tokens [B] long, each row's last sampled token."""
+def decode_inputs(batch: RunningBatch, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward kwargs for one decode step but the cache (batch.cache): tokens [B] long, each row's last sampled
+    token."""
     ones = batch.attention_mask.new_ones(batch.num_rows, 1)
     return {
         "input_ids": tokens[:, None],
         "attention_mask": torch.cat([batch.attention_mask, ones], dim=1),
         "position_ids": batch.next_positions[:, None],
-        "past_key_values": batch.cache,
     }
 
 

@@ -28,7 +28,7 @@ def two_node_app(tmp_path_factory):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
     cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT, "location": "HeadOnly"})
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app(app_args(root, num_replicas=2, replica_num_cpus=1)), name="flora", route_prefix="/")
     yield root, f"http://127.0.0.1:{PORT}"
     serve.shutdown()
