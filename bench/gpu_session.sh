@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a lent GPU is for, as three commands meant to fit the device tool's 10 minutes each:
 #
-#   bash bench/gpu_session.sh check      # CUDA parity tests, then the LoRA strategy crossover
+#   bash bench/gpu_session.sh check      # CUDA parity (layers, models, engine), then the LoRA crossover
 #   bash bench/gpu_session.sh layers     # the adapter-overhead GPU grid's layers, bf16
 #   bash bench/gpu_session.sh models     # ... and its models (the B=64 targets are model-level)
 #
@@ -27,7 +27,7 @@ case "$step" in
         {
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
             "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-            "$python" -m pytest -q -p no:cacheprovider tests/test_cuda_parity.py
+            "$python" -m pytest -q -p no:cacheprovider tests/test_cuda_parity.py tests/test_engine_on_devices.py
             "$python" -m bench.lora_strategies --device cuda --d-model 4096 --rank 16 --repeats 20 \
                 --out "$out/lora_strategies_cuda.json"
         } 2>&1 | tee "$out/check.log"

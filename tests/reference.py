@@ -93,22 +93,23 @@ def penalized_greedy(model: nn.Module, prompt: list[int], max_tokens: int, *, pr
 def grammar_greedy(model: nn.Module, tokenizer, prompt: list[int], spec, max_tokens: int) -> list[int]:
     """Greedy tokens under xgrammar's own mask for a StructuredOutput spec (None: unmasked), one row.
 
-    Full forward for every token (no cache); stops at EOS or when the grammar is complete.
+    Full forward for every token (no cache), on the model's device; stops at EOS or when the grammar is
+    complete.
     """
     import xgrammar as xgr
 
-    vocab, eos = model.config.vocab_size, tokenizer.eos_token_id
+    vocab, eos, device = model.config.vocab_size, tokenizer.eos_token_id, model.device
     matcher = None
     if spec is not None:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab, stop_token_ids=[eos])
         matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_grammar(spec.grammar()))
     ids, output = list(prompt), []
     for _ in range(max_tokens):
-        logits = model(input_ids=torch.tensor([ids])).logits[:, -1].float()  # [1, V]
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[:, -1].float()  # [1, V]
         if matcher is not None:
             bitmask = xgr.allocate_token_bitmask(1, vocab)
             matcher.fill_next_token_bitmask(bitmask)
-            xgr.apply_token_bitmask_inplace(logits, bitmask)
+            xgr.apply_token_bitmask_inplace(logits, bitmask.to(device))
         token = int(logits.argmax())
         ids.append(token)
         output.append(token)
