@@ -74,8 +74,8 @@ def after_prefill(cache: DynamicCache, inputs: PrefillInputs) -> RunningBatch:
 
 
 def decode_inputs(batch: RunningBatch, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Forward kwargs for one decode step but the cache (batch.cache): tokens [B] long, each row's last sampled
-    token."""
+    """Forward kwargs for one decode step, tokens [B] long (each row's last sampled token); the caller adds
+    batch.cache under the name its model takes it by (cache_argument)."""
     ones = batch.attention_mask.new_ones(batch.num_rows, 1)
     return {
         "input_ids": tokens[:, None],
