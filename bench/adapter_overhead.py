@@ -28,7 +28,7 @@ from bench import overhead_layer as ol
 from bench import overhead_model as om
 from bench.overhead_report import write_markdown, write_plots
 from bench.result_files import write_results
-from bench.timing import Timer, load_average, machine_info
+from bench.timing import Timer, add_device_arguments, device_and_dtype, load_average, machine_info
 from flora_core.adapter_weights import AdapterKind
 from flora_core.batched_ops import gpu_lora_strategies
 
@@ -234,9 +234,7 @@ def report(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="auto: float32 on the CPU, bfloat16 on a GPU")
+    add_device_arguments(parser)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared machine)")
     parser.add_argument("--quick", action="store_true", help="a smoke run (~1 min on the CPU)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
@@ -244,9 +242,7 @@ def main() -> None:
     parser.add_argument("--level", choices=["all", "layer", "model"], default="all",
                         help="run only the grid's layers or only its models (e.g. to fit a time limit per command)")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = device_and_dtype(args)
     torch.set_num_threads(args.threads)
     grid = QUICK_GRID if args.quick else (GPU_GRID if device.type == "cuda" else CPU_GRID)
     if args.level == "layer":

@@ -3,13 +3,16 @@
     python -m bench.engine_load --model llama-moderate      # ~3.5 min on 2 CPU cores
     python -m bench.engine_load --model llama-moderate --dora   # + the same adapters as DoRA, ~5 min
     python -m bench.engine_load --model flora-tiny-llama --flora   # + as many FLoRA rank-1 adapters, ~4 min
+    python -m bench.engine_load --device cuda --model llama-7b --dora --flora   # a GPU, bfloat16
 
 It separates what batching across adapters gains inside the engine from what the serving stack
 (Ray Serve's proxy and handles, per-token SSE chunks) costs: the same closed loop of C requests
 runs straight against `Engine.step()`, each finished request replaced at once by a new one.
 bench/serving_e2e.py runs it on the embedded model; run alone, it takes the Llama-style model of
 bench/overhead_model.py (TinyLlama-1.1B's layer shapes, 4 layers, random weights), where a
-decode step costs what a real model's layers cost rather than Python's per-layer overhead.
+decode step costs what a real model's layers cost rather than Python's per-layer overhead. On a
+GPU (`--device cuda`, bfloat16) take `llama-7b`, Llama-2-7B's shapes: there a step of the 4-layer
+model is bound by kernel launches, and a 7B one by reading its weights, as in serving.
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from transformers import AutoTokenizer
 
-from bench.overhead_model import build_base
+from bench.overhead_model import MODEL_NAMES, build_base
 from bench.serving_load import Workload
 from bench.serving_report import engine_table
-from bench.timing import interleaved, load_average, machine_info
+from bench.timing import add_device_arguments, device_and_dtype, interleaved, load_average, machine_info
 from flora_core.adapter_weights import AdapterKind, AdapterWeights, FloraModule, LoraModule
 from flora_core.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from flora_core.engine import Engine, EngineConfig
@@ -120,10 +124,15 @@ def random_flora(shapes: dict[str, tuple[int, int]], seed: int) -> AdapterWeight
 
 
 def run_model(model_name: str, adapters: int, rank: int, concurrency: int, duration_s: float, seed: int,
-              rounds: int, dora: bool = False, flora: bool = False) -> list[dict]:
+              rounds: int, dora: bool = False, flora: bool = False, device: torch.device = torch.device("cpu"),
+              dtype: torch.dtype = torch.float32, warmup_s: float = 0.0,
+              profile_s: float = 0.0) -> tuple[list[dict], str | None]:
     """base / uniform over `adapters` / the same with one adapter per step (/ the same adapters as DoRA)
-    (/ as many FLoRA rank-1 adapters), on one patched model, in rounds."""
-    model = MultiAdapterModel(build_base(model_name, torch.device("cpu"), torch.float32), capacity=SlotCapacity(
+    (/ as many FLoRA rank-1 adapters), on one patched model, in rounds after warmup_s of each point
+    untimed. The adapters are made in float32 host memory, as loaded ones are; slot writes move them
+    to the model's device and dtype. With profile_s, the LoRA point runs that long more under
+    torch.profiler, and its table of ops by self time comes back beside the results."""
+    model = MultiAdapterModel(build_base(model_name, device, dtype), capacity=SlotCapacity(
         lora_slots=2 * concurrency, lora_max_rank=rank, flora_slots=2 * concurrency if flora else 1,
         flora_max_rank=1, ia3_slots=1))
     shapes = {n: (layer.d_in, layer.d_out) for n, layer in model.layers.items()}
@@ -141,31 +150,50 @@ def run_model(model_name: str, adapters: int, rank: int, concurrency: int, durat
     vocab = model.model.config.vocab_size
     encode = lambda text: [3 + ord(c) % (vocab - 3) for c in text]  # noqa: E731 - a stand-in tokenizer
     uniform = f"uniform-{adapters}"
-    points = [("base", None, ()), (uniform, None, names), (uniform, 1, names)]  # (label, adapter limit, adapters)
+    lora_point = (uniform, None, names)  # (label, adapter limit per step, adapters drawn from)
+    points = [("base", None, ()), lora_point, (uniform, 1, names)]
     points += [(f"dora-{uniform}", None, dora_names)] if dora else []
     points += [(f"flora-{uniform}", None, flora_names)] if flora else []
-    results = []
-    for k, (label, limit, drawn_from) in interleaved(points, rounds):
+
+    def closed_loop(label: str, limit: int | None, drawn_from: Sequence[str], seconds: float, k: int) -> dict:
         engine = Engine(model, EngineConfig(max_model_len=64, max_running=64, max_batched_tokens=256,
                                             max_adapters_per_step=limit))
-        workload = Workload(label, tuple(drawn_from))
-        load_before = load_average()
         try:
-            stats = engine_closed_loop(engine, workload, concurrency, duration_s, seed + k, encode)
+            workload = Workload(label, tuple(drawn_from))
+            return engine_closed_loop(engine, workload, concurrency, seconds, seed + k, encode)
         finally:
             engine.close()
+
+    for label, limit, drawn_from in points if warmup_s > 0 else ():  # kernels compiled, caches and allocator filled
+        closed_loop(label, limit, drawn_from, warmup_s, -1)
+    results = []
+    for k, (label, limit, drawn_from) in interleaved(points, rounds):
+        load_before = load_average()
+        stats = closed_loop(label, limit, drawn_from, duration_s, k)
         results.append({"app": "engine" if limit is None else "engine_one_adapter_per_step", "model": model_name,
                         "workload": label, "concurrency": concurrency, "round": k, **stats,
                         "load_average": load_before})
         print(f"r{k} {results[-1]['app']:27s} {label:12s} {stats['output_tokens_per_s']:8.1f} tok/s "
               f"{stats['steps_per_s']:6.1f} steps/s {stats['mean_rows_per_step']} tokens/step load {load_before}",
               flush=True)
-    return results
+    if not profile_s:
+        return results, None
+    return results, profile_table(lambda: closed_loop(*lora_point, profile_s, rounds), device)
+
+
+def profile_table(run: Callable[[], object], device: torch.device) -> str:
+    """torch.profiler's table of run's ops, by their own time on the device (on a GPU) or the CPU."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        run()
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=30)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama-moderate", choices=["llama-moderate", "flora-tiny-llama"])
+    parser.add_argument("--model", default="llama-moderate", choices=MODEL_NAMES,
+                        help="llama-7b: for a GPU (27 GB in float32)")
     parser.add_argument("--adapters", type=int, default=100)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -173,18 +201,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds; each point's median round is reported")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=float, default=2.0, help="untimed seconds of each point before the rounds")
+    parser.add_argument("--profile", type=float, default=0.0,
+                        help="seconds of the LoRA point under torch.profiler after the rounds (0: none)")
     parser.add_argument("--dora", action="store_true", help="also the same adapters as DoRA (a magnitude each)")
     parser.add_argument("--flora", action="store_true", help="also as many FLoRA rank-1 adapters")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    add_device_arguments(parser)
     args = parser.parse_args()
+    device, dtype = device_and_dtype(args)
     torch.set_num_threads(1)
     keep_freed_host_memory()  # as a replica does
     started = time.perf_counter()
-    info = machine_info(torch.device("cpu"))
-    results = run_model(args.model, args.adapters, args.rank, args.concurrency, args.duration, args.seed,
-                        args.rounds, args.dora, args.flora)
+    info = machine_info(device) | {"dtype": str(dtype).removeprefix("torch.")}
+    results, profile_text = run_model(args.model, args.adapters, args.rank, args.concurrency, args.duration,
+                                      args.seed, args.rounds, args.dora, args.flora, device, dtype, args.warmup,
+                                      args.profile)
     info |= {"load_average_after": load_average(), "seconds": round(time.perf_counter() - started)}
     stem = f"engine_load_{args.model}" + ("_dora" if args.dora else "") + ("_flora" if args.flora else "")
+    stem += "" if device.type == "cpu" else f"_{device.type}"
     command = " ".join(["python -m bench.engine_load", *sys.argv[1:]])
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,11 +229,15 @@ def main() -> None:
     also += f", {args.adapters} FLoRA rank-1 adapters" if args.flora else ""
     lines = [f"# The engine alone on `{args.model}`: {args.adapters} LoRA adapters (rank {args.rank}, every linear "
              f"layer){also}; closed loop of {args.concurrency}", "",
-             f"Machine: {info['cpu']} ({info['cpu_count']} cores), torch {info['torch']}, 1 thread, float32. Load "
+             f"Machine: {info.get('gpu', info['cpu'])} ({info['cpu_count']} CPU cores), torch {info['torch']}, "
+             f"1 thread, {info['dtype']}. Load "
              f"average before: {info['load_average_1_5_15']}, after: {info['load_average_after']}. Ran "
              f"{info['seconds']} s. Command: `{command}`", "", *engine_table({"engine_only": results})]
     (args.out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out_dir / stem}.json and .md in {info['seconds']} s")
+    if profile_text is not None:
+        (args.out_dir / f"{stem}_profile.txt").write_text(profile_text)
+    print(f"wrote {args.out_dir / stem}.json and .md" + (" and _profile.txt" if profile_text else "")
+          + f" in {info['seconds']} s")
 
 
 if __name__ == "__main__":

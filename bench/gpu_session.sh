@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# What a lent GPU is for, as three commands meant to fit the device tool's 10 minutes each:
+# What a lent GPU is for, as four commands meant to fit the device tool's 10 minutes each:
 #
 #   bash bench/gpu_session.sh check      # CUDA parity (layers, models, engine), then the LoRA crossover
 #   bash bench/gpu_session.sh layers     # the adapter-overhead GPU grid's layers, bf16
 #   bash bench/gpu_session.sh models     # ... and its models (the B=64 targets are model-level)
+#   bash bench/gpu_session.sh engine     # the engine alone on Llama-2-7B's shapes: base, 100 adapters
+#                                        # (LoRA, one per step, DoRA, FLoRA r1), with a profile of one step
 #
 # It runs with the GPU machine's own python3 (PyTorch, transformers, PEFT, pytest, hypothesis and
 # matplotlib are there; flora_core and these benchmarks need no Ray), or $PYTHON. Everything it
@@ -11,7 +13,7 @@
 # the benchmarks' JSON, Markdown and PNG. Copy them into bench/results and the README by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: bash bench/gpu_session.sh check|layers|models}"
+step="${1:?usage: bash bench/gpu_session.sh check|layers|models|engine}"
 out="${OUT:-bench/results/gpu}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
@@ -35,8 +37,12 @@ case "$step" in
     layers | models)
         "$python" -m bench.adapter_overhead --device cuda --level "${step%s}" --out-dir "$out" 2>&1 | tee "$out/$step.log"
         ;;
+    engine)
+        "$python" -m bench.engine_load --device cuda --model llama-7b --dora --flora --duration 10 \
+            --profile 3 --out-dir "$out" 2>&1 | tee "$out/engine.log"
+        ;;
     *)
-        echo "unknown step '$step': use check, layers or models" >&2
+        echo "unknown step '$step': use check, layers, models or engine" >&2
         exit 2
         ;;
 esac

@@ -39,17 +39,27 @@ FLORA_IMPLS = ("ours", "loop")
 MODERATE_LLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=32,
                       num_key_value_heads=4, head_dim=64, vocab_size=8192, max_position_embeddings=2048,
                       tie_word_embeddings=False)
+# Llama-2-7B's shapes (hidden 4096, FFN 11008, 32 layers, 32 heads of 128), random weights: for a GPU,
+# where a decode step of the 4-layer model above is bound by kernel launches, not by its weights.
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, head_dim=128, vocab_size=32000, max_position_embeddings=4096,
+                tie_word_embeddings=False)
+MODEL_NAMES = ("flora-tiny-llama", "llama-moderate", "llama-7b")
 
 
 def build_base(name: str, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
-    """'flora-tiny-llama' (the embedded default model) or 'llama-moderate' (random weights, MODERATE_LLAMA)."""
+    """'flora-tiny-llama' (the embedded default model), or random weights: 'llama-moderate'
+    (MODERATE_LLAMA) or 'llama-7b' (LLAMA_7B, initialised on `device`: 27 GB in float32)."""
+    torch.manual_seed(0)
     if name == "flora-tiny-llama":
         model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=dtype, local_files_only=True)
     elif name == "llama-moderate":
-        torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**MODERATE_LLAMA)).to(dtype)
+    elif name == "llama-7b":
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**LLAMA_7B)).to(dtype)
     else:
-        raise ValueError(f"unknown model {name!r}; use 'flora-tiny-llama' or 'llama-moderate'")
+        raise ValueError(f"unknown model {name!r}; use one of {', '.join(MODEL_NAMES)}")
     return model.to(device).eval()
 
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -84,6 +85,21 @@ def load_average() -> tuple[float, float, float] | None:
         return tuple(round(v, 2) for v in os.getloadavg())
     except OSError:
         return None
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device (a GPU where one is present) and --dtype (float32 on the CPU, bfloat16 on a GPU)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="auto: float32 on the CPU, bfloat16 on a GPU")
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype that add_device_arguments' options name."""
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
 
 
 def machine_info(device: torch.device) -> dict:

@@ -1,0 +1,40 @@
+"""The benchmarks' models and the engine benchmark's plan, as a GPU session will run them.
+
+A GPU run cannot be tried here, so these check on the CPU what it relies on: `llama-7b` has
+Llama-2-7B's shapes, and the engine benchmark runs every point in every round in bfloat16 (random
+float32 adapters written into bfloat16 slots, as on a GPU) with each adapter kind's rows served,
+and profiles its LoRA point.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.engine_load import run_model
+from bench.overhead_model import build_base
+
+LLAMA_2_7B_PARAMETERS = 6_738_415_616  # Llama-2-7b-hf's count, embeddings and output head included
+
+
+def test_llama_7b_has_llama_2_7b_shapes_and_is_built_on_the_device_asked_for():
+    model = build_base("llama-7b", torch.device("meta"), torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == LLAMA_2_7B_PARAMETERS
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_engine_benchmark_runs_every_point_each_round_in_bfloat16():
+    rounds = 2
+    results, profile_text = run_model("flora-tiny-llama", adapters=3, rank=4, concurrency=4, duration_s=0.3, seed=0,
+                                      rounds=rounds, dora=True, flora=True, dtype=torch.bfloat16, warmup_s=0.1,
+                                      profile_s=0.3)
+    points = {(r["app"], r["workload"]) for r in results}
+    assert points == {("engine", "base"), ("engine", "uniform-3"), ("engine_one_adapter_per_step", "uniform-3"),
+                      ("engine", "dora-uniform-3"), ("engine", "flora-uniform-3")}
+    assert sorted(r["round"] for r in results) == sorted(list(range(rounds)) * len(points))
+    for row in results:
+        assert row["output_tokens_per_s"] > 0, row
+    one_per_step = [r for r in results if r["app"] == "engine_one_adapter_per_step"]
+    mixed = [r for r in results if (r["app"], r["workload"]) == ("engine", "uniform-3")]
+    assert max(r["mean_rows_per_step"] for r in one_per_step) < min(r["mean_rows_per_step"] for r in mixed)
+    assert "aten::mm" in profile_text  # the profiled LoRA point ran the model's matmuls
