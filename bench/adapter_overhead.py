@@ -162,14 +162,23 @@ def model_cases(grid: Grid, model: str) -> list[ol.OverheadCase]:
     return cases
 
 
-def rows_of(level: str, target: str, case, timings: dict[str, float]) -> list[dict]:
+def rows_of(level: str, target: str, case, timings: dict[str, float], eager: tuple[str, ...] = ()) -> list[dict]:
+    """One row per implementation; eager: with CUDA graphs, the calls (base among them) timed eagerly."""
     base = timings["base"]
     return [{"level": level, "target": target, "phase": case.phase, "batch": case.batch,
              "tokens_per_row": case.tokens_per_row, "distinct": case.distinct, "kind": case.kind.value,
              "rank": case.rank, "pool_rank": case.pool_rank if case.kind is LORA else None,
              "impl": impl if case.kind is FLORA or case.pool_rank == case.rank else f"{impl}_slots_r{case.pool_rank}",
              "ms": round(ms, 4), "base_ms": round(base, 4), "ratio": round(ms / base, 4)}
+            | ({"timed_eagerly": [name for name in eager if name in ("base", impl)]} if eager else {})
             for impl, ms in timings.items() if impl != "base"]
+
+
+def measured(bench, case, timer: Timer) -> tuple[dict[str, float], tuple[str, ...]]:
+    """bench.measure's ms per implementation, and the calls that timer did not capture in CUDA graphs."""
+    before = len(timer.timed_eagerly)
+    timings = bench.measure(case, timer)
+    return timings, tuple(entry.split(":", 1)[0] for entry in timer.timed_eagerly[before:])
 
 
 def by_pool_rank(cases: list) -> dict[int, list]:
@@ -193,9 +202,9 @@ def with_gpu_strategies(cases: list, device: torch.device) -> list:
     return [replace(c, impls=c.impls + ("bgmv",)) if c.kind is LORA and "bmm" in c.impls else c for c in cases]
 
 
-def run(grid: Grid, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    timer = Timer(device, **grid.timer)
-    headline_timer = Timer(device, **(grid.timer | grid.headline_timer))
+def run(grid: Grid, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = False) -> list[dict]:
+    timer = Timer(device, **grid.timer, cuda_graphs=cuda_graphs)
+    headline_timer = Timer(device, **(grid.timer | grid.headline_timer), cuda_graphs=cuda_graphs)
     rows: list[dict] = []
     for shape in grid.layer_shapes:
         d_in, d_out = LAYER_SHAPES[shape]
@@ -204,7 +213,7 @@ def run(grid: Grid, device: torch.device, dtype: torch.dtype) -> list[dict]:
             bench = ol.LayerBench(d_in, d_out, device, dtype, max_distinct=max(c.distinct for c in cases),
                                   max_lora_rank=pool_rank, max_flora_rank=max(flora_ranks))
             for case in cases:
-                rows += report(rows_of("layer", shape, case, bench.measure(case, timer)))
+                rows += report(rows_of("layer", shape, case, *measured(bench, case, timer)))
             del bench
             gc.collect()
     for model in grid.models:
@@ -216,7 +225,7 @@ def run(grid: Grid, device: torch.device, dtype: torch.dtype) -> list[dict]:
                                   with_peft=any("peft" in c.impls for c in cases))
             for case in cases:
                 case_timer = headline_timer if is_headline(case) else timer
-                rows += report(rows_of("model", model, case, bench.measure(case, case_timer)))
+                rows += report(rows_of("model", model, case, *measured(bench, case, case_timer)))
             del bench
             gc.collect()
         del base
@@ -228,7 +237,9 @@ def report(rows: list[dict]) -> list[dict]:
     print(f"{first['level']:5s} {first['target']:24s} {first['phase']:7s} B={first['batch']:<3d} "
           f"T={first['tokens_per_row']:<3d} D={first['distinct']:<3d} {first['kind']:5s} r={first['rank']:<2d} "
           f"R={first['pool_rank'] or '-'!s:2s} "
-          f"base {first['base_ms']:9.3f} ms  " + "  ".join(f"{r['impl']} {r['ratio']:.2f}x" for r in rows), flush=True)
+          f"base {first['base_ms']:9.3f} ms  " + "  ".join(f"{r['impl']} {r['ratio']:.2f}x" for r in rows)
+          + "".join(f"  ({r['impl']} eager: {', '.join(r['timed_eagerly'])})" for r in rows if r.get("timed_eagerly")),
+          flush=True)
     return rows
 
 
@@ -241,19 +252,23 @@ def main() -> None:
     parser.add_argument("--tag", default=None, help="file name stem (default: adapter_overhead_<grid>)")
     parser.add_argument("--level", choices=["all", "layer", "model"], default="all",
                         help="run only the grid's layers or only its models (e.g. to fit a time limit per command)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="on a GPU, time replays of CUDA graphs: the kernels' cost without launches or Python")
     args = parser.parse_args()
     device, dtype = device_and_dtype(args)
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error(f"--cuda-graphs needs a CUDA device, not {device}: leave it out on the CPU")
     torch.set_num_threads(args.threads)
     grid = QUICK_GRID if args.quick else (GPU_GRID if device.type == "cuda" else CPU_GRID)
     if args.level == "layer":
         grid = replace(grid, name=f"{grid.name}_layers", models=())
     elif args.level == "model":
         grid = replace(grid, name=f"{grid.name}_models", layer_shapes=())
-    stem = args.tag or f"adapter_overhead_{grid.name}"
+    stem = args.tag or f"adapter_overhead_{grid.name}" + ("_graphs" if args.cuda_graphs else "")
     command = " ".join(["python -m bench.adapter_overhead", *sys.argv[1:]])
-    info = machine_info(device) | {"dtype": str(dtype).removeprefix("torch.")}
+    info = machine_info(device) | {"dtype": str(dtype).removeprefix("torch."), "cuda_graphs": args.cuda_graphs}
     started = time.perf_counter()
-    rows = run(grid, device, dtype)
+    rows = run(grid, device, dtype, args.cuda_graphs)
     info |= {"load_average_after": load_average(), "seconds": round(time.perf_counter() - started)}
     result = {"machine": info, "command": command, "grid": asdict(grid), "ran": grid.describe(), "rows": rows}
     write_results(result, args.out_dir, stem, write_markdown, write_plots)

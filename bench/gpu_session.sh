@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# What a lent GPU is for, as four commands meant to fit the device tool's 10 minutes each:
+# What a lent GPU is for, as five commands meant to fit the device tool's 10 minutes each:
 #
-#   bash bench/gpu_session.sh check      # CUDA parity (layers, models, engine), then the LoRA crossover
+#   bash bench/gpu_session.sh check      # CUDA parity (layers, models, engine), the CUDA-graph timer, then
+#                                        # the LoRA crossover
 #   bash bench/gpu_session.sh layers     # the adapter-overhead GPU grid's layers, bf16
 #   bash bench/gpu_session.sh models     # ... and its models (the B=64 targets are model-level)
 #   bash bench/gpu_session.sh engine     # the engine alone on Llama-2-7B's shapes: base, 100 adapters
 #                                        # (LoRA, one per step, DoRA, FLoRA r1), with a profile of one step
+#   bash bench/gpu_session.sh graphs     # the layers again, timing CUDA graph replays: the kernels alone
 #
 # It runs with the GPU machine's own python3 (PyTorch, transformers, PEFT, pytest, hypothesis and
 # matplotlib are there; flora_core and these benchmarks need no Ray), or $PYTHON. Everything it
@@ -13,7 +15,7 @@
 # the benchmarks' JSON, Markdown and PNG. Copy them into bench/results and the README by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: bash bench/gpu_session.sh check|layers|models|engine}"
+step="${1:?usage: bash bench/gpu_session.sh check|layers|models|engine|graphs}"
 out="${OUT:-bench/results/gpu}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
@@ -29,7 +31,8 @@ case "$step" in
         {
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
             "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-            "$python" -m pytest -q -p no:cacheprovider tests/test_cuda_parity.py tests/test_engine_on_devices.py
+            "$python" -m pytest -q -p no:cacheprovider tests/test_cuda_parity.py tests/test_engine_on_devices.py \
+                tests/test_bench_models.py
             "$python" -m bench.lora_strategies --device cuda --d-model 4096 --rank 16 --repeats 20 \
                 --out "$out/lora_strategies_cuda.json"
         } 2>&1 | tee "$out/check.log"
@@ -41,8 +44,12 @@ case "$step" in
         "$python" -m bench.engine_load --device cuda --model llama-7b --dora --flora --duration 10 \
             --profile 3 --out-dir "$out" 2>&1 | tee "$out/engine.log"
         ;;
+    graphs)
+        "$python" -m bench.adapter_overhead --device cuda --level layer --cuda-graphs --out-dir "$out" 2>&1 \
+            | tee "$out/graphs.log"
+        ;;
     *)
-        echo "unknown step '$step': use check, layers, models or engine" >&2
+        echo "unknown step '$step': use check, layers, models, engine or graphs" >&2
         exit 2
         ;;
 esac

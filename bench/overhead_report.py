@@ -114,7 +114,10 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = [f"# Adapter overhead: grid `{result['grid']['name']}`", "",
              f"Machine: {machine['cpu']} ({machine['cpu_count']} cores), {machine.get('gpu', 'no GPU')}, device "
              f"`{machine['device']}`, torch {machine['torch']} with {machine['torch_threads']} thread(s), "
-             f"{machine['dtype']}. Load average (1, 5, 15 min) before: {machine['load_average_1_5_15']}, "
+             f"{machine['dtype']}" + (", CUDA graphs replayed (timed eagerly: calls that could not be captured, "
+             "and model-level calls, which swap layers and reset the KV cache before each call; each row's "
+             "`timed_eagerly` in the JSON names them)" if machine.get("cuda_graphs") else "")
+             + f". Load average (1, 5, 15 min) before: {machine['load_average_1_5_15']}, "
              f"after: {machine['load_average_after']}. Ran {machine['seconds']} s.", "",
              f"Command: `{result['command']}`", "", "What ran (everything else in the full grid of batch sizes "
              "1/8/32/64, D in 1/B/4/B, ranks 1-64, decode and prefill was skipped):", "", *result["ran"], ""]

@@ -2,6 +2,11 @@
 
     timer = Timer(torch.device("cuda"), rounds=15, budget_s=1.0)
     ms = timer.compare({"base": (lambda: base(x), None), "ours": (lambda: layer(x, batch=batch), None)})
+
+With `cuda_graphs=True` a GPU call is captured once into a CUDA graph and its replays are timed:
+what the kernels cost without Python's and the launches' share, as in a server that captures its
+decode step (vLLM does). A call that cannot be captured (one that copies from host memory, say)
+is timed eagerly and named, with why, in `timed_eagerly`; so is a call with a setup to run before it.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -35,12 +40,17 @@ class Timer:
     min_rounds: int = 3
     warmup: int = 1
     budget_s: float = 1.0
+    cuda_graphs: bool = False  # on a GPU: time replays of each call (with no setup) captured after the warmup
+    timed_eagerly: list[str] = field(default_factory=list)  # with cuda_graphs: "call: why" for calls not captured
 
     def compare(self, calls: Mapping[str, Call]) -> dict[str, float]:
         """The median ms of each call; its setup (e.g. resetting a KV cache) runs untimed before it."""
         for _ in range(self.warmup):
             for fn, before in calls.values():
                 self._once_ms(fn, before)
+        if self.cuda_graphs and self.device.type == "cuda":
+            calls = {name: (self._captured(name, fn) if before is None else self._eager(name, fn), before)
+                     for name, (fn, before) in calls.items()}
         samples: dict[str, list[float]] = {name: [] for name in calls}
         spent_ms, rounds = 0.0, 0
         while rounds < self.rounds and (rounds < self.min_rounds or spent_ms < self.budget_s * 1e3 * len(calls)):
@@ -49,6 +59,26 @@ class Timer:
                 spent_ms += samples[name][-1]
             rounds += 1
         return {name: statistics.median(values) for name, values in samples.items()}
+
+    def _captured(self, name: str, fn: Callable[[], object]) -> Callable[[], object]:
+        """fn's CUDA graph's replay, or fn itself where it cannot be captured (noted in timed_eagerly)."""
+        side = torch.cuda.Stream(self.device)  # warm up off the default stream, as torch.cuda.graphs asks
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                fn()
+        except RuntimeError as error:
+            torch.cuda.synchronize(self.device)
+            return self._eager(name, fn, f"capture failed: {str(error).splitlines()[0] if str(error) else error!r}")
+        return graph.replay
+
+    def _eager(self, name: str, fn: Callable[[], object], why: str = "has an untimed setup") -> Callable[[], object]:
+        self.timed_eagerly.append(f"{name}: {why}")
+        return fn
 
     def _once_ms(self, fn: Callable[[], object], before: Optional[Callable[[], object]]) -> float:
         if before is not None:

@@ -1,17 +1,20 @@
-"""The benchmarks' models and the engine benchmark's plan, as a GPU session will run them.
+"""The benchmarks' models, the engine benchmark's plan and the CUDA-graph timer, as a GPU session runs them.
 
-A GPU run cannot be tried here, so these check on the CPU what it relies on: `llama-7b` has
-Llama-2-7B's shapes, and the engine benchmark runs every point in every round in bfloat16 (random
-float32 adapters written into bfloat16 slots, as on a GPU) with each adapter kind's rows served,
-and profiles its LoRA point.
+Where no GPU is, these check on the CPU what a GPU run relies on: `llama-7b` has Llama-2-7B's
+shapes, and the engine benchmark runs every point in every round in bfloat16 (random float32
+adapters written into bfloat16 slots, as on a GPU) with each adapter kind's rows served, and
+profiles its LoRA point. On a GPU (`bench/gpu_session.sh check`), the timer replays what it can
+capture and names what it times eagerly.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bench.engine_load import run_model
 from bench.overhead_model import build_base
+from bench.timing import Timer
 
 LLAMA_2_7B_PARAMETERS = 6_738_415_616  # Llama-2-7b-hf's count, embeddings and output head included
 
@@ -38,3 +41,27 @@ def test_engine_benchmark_runs_every_point_each_round_in_bfloat16():
     mixed = [r for r in results if (r["app"], r["workload"]) == ("engine", "uniform-3")]
     assert max(r["mean_rows_per_step"] for r in one_per_step) < min(r["mean_rows_per_step"] for r in mixed)
     assert "aten::mm" in profile_text  # the profiled LoRA point ran the model's matmuls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+@torch.inference_mode()  # as the benchmarks time their calls
+def test_cuda_graph_timer_replays_captured_calls_and_names_those_it_times_eagerly():
+    device = torch.device("cuda")
+    layer = torch.nn.Linear(512, 512, device=device)
+    x = torch.randn(16, 512, device=device)
+    outputs: dict[str, torch.Tensor] = {}
+    captured = (lambda: outputs.__setitem__("captured", layer(x)), None)
+    timer = Timer(device, rounds=3, min_rounds=3, budget_s=0.0, cuda_graphs=True)
+    ms = timer.compare({
+        "captured": captured,
+        "syncs": (lambda: layer(x).sum().item(), None),  # reads a value back: cannot be captured
+        "has_setup": (lambda: layer(x), lambda: None),
+    })
+    assert set(ms) == {"captured", "syncs", "has_setup"} and all(value > 0 for value in ms.values())
+    assert [entry.split(":", 1)[0] for entry in timer.timed_eagerly] == ["syncs", "has_setup"]
+    assert timer.timed_eagerly[0].startswith("syncs: capture failed")
+    # the output kept is the graph's own; only replays fill it (capture runs no kernel), on the new input
+    x.copy_(torch.randn_like(x))
+    Timer(device, rounds=1, min_rounds=1, budget_s=0.0, cuda_graphs=True).compare({"captured": captured})
+    torch.testing.assert_close(outputs["captured"], layer(x))
+    assert torch.ones(1, device=device).item() == 1  # the failed capture left the device usable
