@@ -5,8 +5,12 @@
 
 With `cuda_graphs=True` a GPU call is captured once into a CUDA graph and its replays are timed:
 what the kernels cost without Python's and the launches' share, as in a server that captures its
-decode step (vLLM does). A call that cannot be captured (one that copies from host memory, say)
-is timed eagerly and named, with why, in `timed_eagerly`; so is a call with a setup to run before it.
+decode step (vLLM does). A call that cannot be captured is timed eagerly and named, with why, in
+`timed_eagerly`; so is a call with a setup to run before it, or one named in `never_capture`. A call
+must not copy from host memory: its graph would re-read host memory freed since and compute on
+garbage. `NoHostCopies` refuses such copies during capture where the dispatcher sees them (`.to`,
+`copy_`); tensors made on the device from Python data (`torch.tensor(list, device=...)`, indexing
+with a list, as PEFT's mixed batch does) are made before it can, so such calls go in never_capture.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 Call = tuple[Callable[[], object], Optional[Callable[[], object]]]  # (timed fn, untimed setup run before it)
@@ -41,6 +47,7 @@ class Timer:
     warmup: int = 1
     budget_s: float = 1.0
     cuda_graphs: bool = False  # on a GPU: time replays of each call (with no setup) captured after the warmup
+    never_capture: frozenset[str] = frozenset()  # calls that copy from host memory where NoHostCopies cannot see
     timed_eagerly: list[str] = field(default_factory=list)  # with cuda_graphs: "call: why" for calls not captured
 
     def compare(self, calls: Mapping[str, Call]) -> dict[str, float]:
@@ -49,7 +56,8 @@ class Timer:
             for fn, before in calls.values():
                 self._once_ms(fn, before)
         if self.cuda_graphs and self.device.type == "cuda":
-            calls = {name: (self._captured(name, fn) if before is None else self._eager(name, fn), before)
+            calls = {name: (self._eager(name, fn, "copies from host memory") if name in self.never_capture
+                            else self._eager(name, fn) if before is not None else self._captured(name, fn), before)
                      for name, (fn, before) in calls.items()}
         samples: dict[str, list[float]] = {name: [] for name in calls}
         spent_ms, rounds = 0.0, 0
@@ -69,7 +77,7 @@ class Timer:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph), NoHostCopies():
                 fn()
         except RuntimeError as error:
             torch.cuda.synchronize(self.device)
@@ -94,6 +102,24 @@ class Timer:
         start_s = time.perf_counter()
         fn()
         return (time.perf_counter() - start_s) * 1e3
+
+
+class NoHostCopies(TorchDispatchMode):
+    """Raises on an op that reads host memory into `device_type` (a copy from host memory), before it runs."""
+
+    def __init__(self, device_type: str = "cuda") -> None:
+        super().__init__()
+        self.device_type = device_type
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        leaves = tree_leaves((args, kwargs or {}))
+        on_host = any(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() > 0  # 0-dim: scalars
+                      for t in leaves)
+        on_device = any(isinstance(t, torch.Tensor) and t.device.type == self.device_type
+                        or isinstance(t, torch.device) and t.type == self.device_type for t in leaves)
+        if on_host and on_device:
+            raise RuntimeError(f"{func} copies from host memory, which a CUDA graph would re-read after it is freed")
+        return func(*args, **(kwargs or {}))
 
 
 def interleaved(points: list, rounds: int) -> list[tuple[int, object]]:

@@ -14,7 +14,7 @@ import torch
 
 from bench.engine_load import run_model
 from bench.overhead_model import build_base
-from bench.timing import Timer
+from bench.timing import NoHostCopies, Timer
 
 LLAMA_2_7B_PARAMETERS = 6_738_415_616  # Llama-2-7b-hf's count, embeddings and output head included
 
@@ -51,17 +51,34 @@ def test_cuda_graph_timer_replays_captured_calls_and_names_those_it_times_eagerl
     x = torch.randn(16, 512, device=device)
     outputs: dict[str, torch.Tensor] = {}
     captured = (lambda: outputs.__setitem__("captured", layer(x)), None)
-    timer = Timer(device, rounds=3, min_rounds=3, budget_s=0.0, cuda_graphs=True)
+    host = torch.randn(16, 512)
+    timer = Timer(device, rounds=3, min_rounds=3, budget_s=0.0, cuda_graphs=True, never_capture=frozenset({"named"}))
     ms = timer.compare({
         "captured": captured,
-        "syncs": (lambda: layer(x).sum().item(), None),  # reads a value back: cannot be captured
+        "syncs": (lambda: layer(x).sum().item(), None),  # reads a value back: CUDA refuses the capture
+        "from_host": (lambda: layer(host.to(device)), None),  # NoHostCopies refuses it
         "has_setup": (lambda: layer(x), lambda: None),
+        "named": (lambda: layer(x), None),
     })
-    assert set(ms) == {"captured", "syncs", "has_setup"} and all(value > 0 for value in ms.values())
-    assert [entry.split(":", 1)[0] for entry in timer.timed_eagerly] == ["syncs", "has_setup"]
-    assert timer.timed_eagerly[0].startswith("syncs: capture failed")
+    assert set(ms) == {"captured", "syncs", "from_host", "has_setup", "named"} and min(ms.values()) > 0
+    why = dict(entry.split(": ", 1) for entry in timer.timed_eagerly)
+    assert set(why) == {"syncs", "from_host", "has_setup", "named"}
+    assert why["syncs"].startswith("capture failed") and "copies from host memory" in why["from_host"]
     # the output kept is the graph's own; only replays fill it (capture runs no kernel), on the new input
     x.copy_(torch.randn_like(x))
     Timer(device, rounds=1, min_rounds=1, budget_s=0.0, cuda_graphs=True).compare({"captured": captured})
     torch.testing.assert_close(outputs["captured"], layer(x))
     assert torch.ones(1, device=device).item() == 1  # the failed capture left the device usable
+
+
+def test_capture_guard_refuses_copies_from_host_memory_and_lets_device_work_and_scalars_through():
+    """NoHostCopies on the meta device (a stand-in for CUDA here): what it refuses, before anything runs."""
+    device_tensor, host_tensor = torch.ones(4, 3, device="meta"), torch.ones(4, 3)
+    with NoHostCopies("meta"):
+        assert (device_tensor * 2 + device_tensor * torch.tensor(3.0)).shape == (4, 3)  # 0-dim host: a scalar
+        assert device_tensor.index_select(0, torch.arange(2, device="meta")).shape == (2, 3)
+        assert (host_tensor + 1).device.type == "cpu"  # host-only work is no copy
+        for copies_from_host in (lambda: host_tensor.to("meta"), lambda: device_tensor.copy_(host_tensor),
+                                 lambda: device_tensor.index_select(0, torch.tensor([0, 2]))):
+            with pytest.raises(RuntimeError, match="copies from host memory"):
+                copies_from_host()
