@@ -178,7 +178,7 @@ def measured(bench, case, timer: Timer) -> tuple[dict[str, float], tuple[str, ..
     """bench.measure's ms per implementation, and the calls that timer did not capture in CUDA graphs."""
     before = len(timer.timed_eagerly)
     timings = bench.measure(case, timer)
-    return timings, tuple(entry.split(":", 1)[0] for entry in timer.timed_eagerly[before:])
+    return timings, tuple(name for name, _ in timer.timed_eagerly[before:])
 
 
 def by_pool_rank(cases: list) -> dict[int, list]:

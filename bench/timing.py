@@ -48,7 +48,7 @@ class Timer:
     budget_s: float = 1.0
     cuda_graphs: bool = False  # on a GPU: time replays of each call (with no setup) captured after the warmup
     never_capture: frozenset[str] = frozenset()  # calls that copy from host memory where NoHostCopies cannot see
-    timed_eagerly: list[str] = field(default_factory=list)  # with cuda_graphs: "call: why" for calls not captured
+    timed_eagerly: list[tuple[str, str]] = field(default_factory=list)  # with cuda_graphs: (call, why) not captured
 
     def compare(self, calls: Mapping[str, Call]) -> dict[str, float]:
         """The median ms of each call; its setup (e.g. resetting a KV cache) runs untimed before it."""
@@ -85,7 +85,7 @@ class Timer:
         return graph.replay
 
     def _eager(self, name: str, fn: Callable[[], object], why: str = "has an untimed setup") -> Callable[[], object]:
-        self.timed_eagerly.append(f"{name}: {why}")
+        self.timed_eagerly.append((name, why))
         return fn
 
     def _once_ms(self, fn: Callable[[], object], before: Optional[Callable[[], object]]) -> float:
