@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# What a lent GPU is for, as five commands meant to fit the device tool's 10 minutes each:
+# What a lent GPU is for, as five commands meant to fit the device tool's 10 minutes each, in the
+# order to run them (a session has 30 minutes of device time, so the most wanted come first):
 #
 #   bash bench/gpu_session.sh check      # CUDA parity (layers, models, engine), the CUDA-graph timer, then
 #                                        # the LoRA crossover
-#   bash bench/gpu_session.sh layers     # the adapter-overhead GPU grid's layers, bf16
-#   bash bench/gpu_session.sh models     # ... and its models (the B=64 targets are model-level)
+#   bash bench/gpu_session.sh models     # the adapter-overhead GPU grid's models, bf16 (the B=64 targets)
 #   bash bench/gpu_session.sh engine     # the engine alone on Llama-2-7B's shapes: base, 100 adapters
 #                                        # (LoRA, one per step, DoRA, FLoRA r1), with a profile of one step
-#   bash bench/gpu_session.sh graphs     # the layers again, timing CUDA graph replays: the kernels alone
+#   bash bench/gpu_session.sh graphs     # the grid's layers, timing CUDA graph replays: the kernels alone
+#   bash bench/gpu_session.sh layers     # the same layers timed eagerly
 #
 # It runs with the GPU machine's own python3 (PyTorch, transformers, PEFT, pytest, hypothesis and
 # matplotlib are there; flora_core and these benchmarks need no Ray), or $PYTHON. Everything it
@@ -15,7 +16,7 @@
 # the benchmarks' JSON, Markdown and PNG. Copy them into bench/results and the README by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: bash bench/gpu_session.sh check|layers|models|engine|graphs}"
+step="${1:?usage: bash bench/gpu_session.sh check|models|engine|graphs|layers}"
 out="${OUT:-bench/results/gpu}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
@@ -49,7 +50,7 @@ case "$step" in
             | tee "$out/graphs.log"
         ;;
     *)
-        echo "unknown step '$step': use check, layers, models, engine or graphs" >&2
+        echo "unknown step '$step': use check, models, engine, graphs or layers" >&2
         exit 2
         ;;
 esac
