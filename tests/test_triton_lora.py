@@ -28,28 +28,36 @@ from tests.test_batched_parity import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DTYPES = (torch.float32, torch.bfloat16)
+RANKS = (1, 5, 64)
+
+
 def check_every_layout() -> None:
-    """bgmv forced in one layer, every layout and ranks 1, 5 and 64, packed rows too: as the reference."""
+    """bgmv forced in one layer, fp32 and bf16, every layout and ranks 1, 5 and 64, packed rows too: as the
+    reference."""
     from flora_core.batched_ops import gpu_lora_strategies  # noqa: PLC0415 - after TRITON_INTERPRET is set
 
     assert "bgmv" in gpu_lora_strategies(), "Triton is installed but the bgmv strategy did not load"
     with mock.patch.object(layer_plan, "pick_lora_strategy", lambda rows, rank, width: "bgmv"):
-        for rank in (1, 5, 64):
-            layer = make_layer("linear", torch.float32, CAPACITY)
-            adapters = adapter_set("lora", rank)
-            slots = load_into_slots(layer, adapters)
-            for name, row_ids in LAYOUTS.items():
-                x = torch.randn(len(row_ids), TOKENS_PER_ROW, D_IN)
-                batch = AdapterBatch.from_rows([slots[i] if i is not None else None for i in row_ids], TOKENS_PER_ROW)
-                with torch.no_grad():
-                    out = layer(x, batch=batch)
-                ref = reference_rows(layer, [adapters[i] if i is not None else None for i in row_ids], x)
-                assert_close_to_reference(out, ref, torch.float32)
-                assert_visible_effect(ref, reference_rows(layer, [None] * len(row_ids), x), row_ids, torch.float32)
-                print(f"rank {rank:2d} {name}: ok", flush=True)
-            out, ref, _ = run_packed(layer, slots, adapters, [(0, 4), (None, 2), (2, 6), (0, 1)])
-            assert_close_to_reference(out, ref, torch.float32)
-            print(f"rank {rank:2d} packed rows: ok", flush=True)
+        for dtype in DTYPES:
+            for rank in RANKS:
+                layer = make_layer("linear", dtype, CAPACITY)
+                adapters = adapter_set("lora", rank)
+                slots = load_into_slots(layer, adapters)
+                for name, row_ids in LAYOUTS.items():
+                    x = torch.randn(len(row_ids), TOKENS_PER_ROW, D_IN).to(dtype)
+                    row_slots = [slots[i] if i is not None else None for i in row_ids]
+                    batch = AdapterBatch.from_rows(row_slots, TOKENS_PER_ROW)
+                    with torch.no_grad():
+                        out = layer(x, batch=batch)
+                    ref = reference_rows(layer, [adapters[i] if i is not None else None for i in row_ids], x)
+                    assert_close_to_reference(out, ref, dtype)
+                    assert_visible_effect(ref, reference_rows(layer, [None] * len(row_ids), x), row_ids, dtype)
+                    print(f"{dtype} rank {rank:2d} {name}: ok", flush=True)
+                x = torch.randn(13, D_IN).to(dtype)
+                out, ref, _ = run_packed(layer, slots, adapters, [(0, 4), (None, 2), (2, 6), (0, 1)], x)
+                assert_close_to_reference(out, ref, dtype)
+                print(f"{dtype} rank {rank:2d} packed rows: ok", flush=True)
 
 
 def test_bgmv_kernels_match_the_reference_in_the_interpreter():
@@ -59,7 +67,7 @@ def test_bgmv_kernels_match_the_reference_in_the_interpreter():
     done = subprocess.run([sys.executable, "-m", "tests.test_triton_lora"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"interpreted kernels failed:\n{done.stdout}\n{done.stderr[-4000:]}"
-    assert done.stdout.count(": ok") == 3 * (len(LAYOUTS) + 1), done.stdout
+    assert done.stdout.count(": ok") == len(DTYPES) * len(RANKS) * (len(LAYOUTS) + 1), done.stdout
 
 
 def test_no_bgmv_strategy_without_triton():
