@@ -30,7 +30,7 @@ from bench.overhead_report import write_markdown, write_plots
 from bench.result_files import write_results
 from bench.timing import Timer, add_device_arguments, device_and_dtype, load_average, machine_info
 from flora_core.adapter_weights import AdapterKind
-from flora_core.batched_ops import gpu_lora_strategies
+from flora_core.batched_ops import gpu_flora_matmuls, gpu_lora_strategies
 
 LORA, FLORA = AdapterKind.LORA, AdapterKind.FLORA
 BATCHES = (1, 8, 32, 64)
@@ -69,8 +69,8 @@ class Grid:
         lines = [f"- grid `{self.name}`; row i of a batch of B uses adapter i % D; D in {{1, B/4, B}} unless noted"]
         for shape in self.layer_shapes:
             lines.append(f"- layer {shape}: decode B in {list(self.layer_decode_batches)} (LoRA r16: all "
-                         f"implementations; FLoRA r1: ours, loop); prefill (B, tokens/row) in "
-                         f"{list(self.layer_prefill.get(shape, ()))}")
+                         f"implementations; FLoRA r1: ours, loop, and on CUDA the fused kernel); prefill "
+                         f"(B, tokens/row) in {list(self.layer_prefill.get(shape, ()))}")
         for model in self.models:
             distinct = self.model_distinct.get(model)
             loop_note = (f"; `loop` only for B <= {self.model_loop_max_batch}" if self.model_loop_max_batch
@@ -86,7 +86,7 @@ class Grid:
         if self.rank_sweep:
             lines.append(f"- rank sweep at B={SWEEP_BATCH}, D={SWEEP_BATCH}, decode: LoRA ranks {list(LORA_RANKS)} "
                          f"(layers: every implementation; models: ours, grouped, bmm), FLoRA ranks "
-                         f"{list(FLORA_RANKS)} (ours; layers also loop)")
+                         f"{list(FLORA_RANKS)} (ours; layers also loop; on CUDA also the fused kernel)")
         else:
             lines.append("- no rank sweep (LoRA rank 16 and FLoRA rank 1 only)")
         lines.append(f"- LoRA slots have the adapters' rank (SlotCapacity.lora_max_rank = r), except one case per "
@@ -196,10 +196,14 @@ def is_headline(case) -> bool:
 
 
 def with_gpu_strategies(cases: list, device: torch.device) -> list:
-    """On CUDA with Triton, every case that compares LoRA strategies also times the Triton `bgmv`."""
-    if device.type != "cuda" or "bgmv" not in gpu_lora_strategies():
+    """On CUDA with Triton, every case that compares LoRA strategies also times the Triton `bgmv`, and
+    every FLoRA case the fused Triton FLoRA kernel."""
+    if device.type != "cuda":
         return cases
-    return [replace(c, impls=c.impls + ("bgmv",)) if c.kind is LORA and "bmm" in c.impls else c for c in cases]
+    bgmv, fused = "bgmv" in gpu_lora_strategies(), "fused" in gpu_flora_matmuls()
+    return [replace(c, impls=c.impls + ("bgmv",)) if bgmv and c.kind is LORA and "bmm" in c.impls
+            else replace(c, impls=c.impls + ("fused",)) if fused and c.kind is FLORA else c
+            for c in cases]
 
 
 def run(grid: Grid, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = False) -> list[dict]:

@@ -8,11 +8,12 @@ the layer's output with each row's adapter:
 - `grouped`, `bmm`: MultiAdapterLinear with that strategy forced (bmm gathers A and B per chunk:
   per token at decode, per row or per run of rows of one adapter at prefill).
 - `bgmv`: the Triton kernels forced (CUDA with Triton only; added there by bench.adapter_overhead).
+- `fused`: for FLoRA, its one-kernel Triton GEMM forced (likewise CUDA with Triton only).
 - `paper_bmm`: the paper's baseline (App. B.1), A and B gathered per ROW and bmm over its tokens.
 - `peft`: PEFT's LoRA layer with D adapters loaded, called with `adapter_names=` (its mixed batch).
 - `loop`: one MultiAdapterLinear call per adapter group (the rows of one adapter at a time).
 
-FLoRA rows run `ours` and `loop` only (PEFT has no FLoRA; bmm strategies are LoRA's).
+FLoRA rows run `ours`, `loop` and `fused` only (PEFT has no FLoRA; bmm strategies are LoRA's).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from bench.timing import Timer
 from flora_core import layer_plan
 from flora_core.adapter_batch import AdapterBatch, AdapterSlot
 from flora_core.adapter_weights import AdapterKind, FloraModule, LoraModule
+from flora_core.batched_ops import FLORA_MATMULS, LORA_STRATEGIES, gpu_flora_matmuls, gpu_lora_strategies
 from flora_core.multi_adapter_linear import MultiAdapterLinear, SlotCapacity
 
 LORA_IMPLS = ("ours", "grouped", "bmm", "paper_bmm", "peft", "loop")
@@ -56,7 +58,8 @@ class OverheadCase:
 
 
 class StrategySwitch:
-    """Which LoRA strategy MultiAdapterLinear uses inside `lora_strategy_switch`: None keeps its rule."""
+    """Which LoRA strategy or FLoRA implementation MultiAdapterLinear uses inside `strategy_switch`: a name
+    of either kind forces that kind's choice, None keeps both rules."""
 
     def __init__(self) -> None:
         self.name: str | None = None
@@ -72,14 +75,22 @@ class StrategySwitch:
 
 
 @contextlib.contextmanager
-def lora_strategy_switch() -> Iterator[StrategySwitch]:
-    """Within the block pick_lora_strategy obeys the yielded switch (a bench-only patch, undone after)."""
+def strategy_switch() -> Iterator[StrategySwitch]:
+    """Within the block pick_lora_strategy and pick_flora_matmul obey the yielded switch (a bench-only
+    patch, undone after)."""
     switch = StrategySwitch()
-    rule = layer_plan.pick_lora_strategy
-    def pick(rows, rank: int, width: int) -> str:
-        return switch.name or rule(rows, rank, width)
+    lora_rule, flora_rule = layer_plan.pick_lora_strategy, layer_plan.pick_flora_matmul
+    lora_names = {*LORA_STRATEGIES, *gpu_lora_strategies()}
+    flora_names = {*FLORA_MATMULS, *gpu_flora_matmuls()}
 
-    with mock.patch.object(layer_plan, "pick_lora_strategy", pick):
+    def pick_lora(rows, rank: int, width: int) -> str:
+        return switch.name if switch.name in lora_names else lora_rule(rows, rank, width)
+
+    def pick_flora(rows, rank: int) -> str:
+        return switch.name if switch.name in flora_names else flora_rule(rows, rank)
+
+    with mock.patch.object(layer_plan, "pick_lora_strategy", pick_lora), \
+            mock.patch.object(layer_plan, "pick_flora_matmul", pick_flora):
         yield switch
 
 
@@ -112,7 +123,7 @@ class LayerBench:
         """ms per implementation, plus "base"."""
         self._write_slots(case.kind, case.rank)
         x = torch.randn(case.batch, case.tokens_per_row, self.d_in, device=self.device, dtype=self.dtype)
-        with torch.inference_mode(), lora_strategy_switch() as switch:
+        with torch.inference_mode(), strategy_switch() as switch:
             calls = {impl: (switch.calling(strategy, fn), None)
                      for impl, (fn, strategy) in self._calls(case, x).items()}
             return timer.compare(calls)
@@ -123,7 +134,7 @@ class LayerBench:
         batch = AdapterBatch.from_rows(row_slots, case.tokens_per_row, self.device)
         calls = {"base": (lambda: self.base(flat), None)}
         for impl in case.impls:
-            if impl in ("ours", "grouped", "bmm", "bgmv"):
+            if impl in ("ours", "grouped", "bmm", "bgmv", "fused"):
                 calls[impl] = (lambda: self._layer_step(flat, batch), None if impl == "ours" else impl)
             elif impl == "paper_bmm":
                 slots = torch.tensor([s.slot for s in row_slots], device=self.device)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from bench.overhead_layer import OverheadCase, StrategySwitch, lora_strategy_switch
+from bench.overhead_layer import OverheadCase, StrategySwitch, strategy_switch
 from bench.timing import Timer
 from flora_core.adapter_weights import AdapterKind, AdapterWeights, FloraModule, LoraModule
 from flora_core.cache_argument import cache_kwargs
@@ -125,7 +125,7 @@ class ModelBench:
         row_names = [names[i % case.distinct] for i in range(case.batch)]
         gen = torch.Generator().manual_seed(case.batch)
         ids = torch.randint(3, self.vocab, (case.batch, case.tokens_per_row), generator=gen).to(self.device)
-        with self.model.pool.pinned(names) as slots, torch.inference_mode(), lora_strategy_switch() as switch:
+        with self.model.pool.pinned(names) as slots, torch.inference_mode(), strategy_switch() as switch:
             slot_of = dict(zip(names, slots))
             row_slots = [slot_of[n] for n in row_names]
             calls = {"base": self._call(case, ids, lambda kw: self.model.model(**kw), wrapped=False)}
@@ -137,10 +137,10 @@ class ModelBench:
                 self.swap.wrapped()
 
     def _impl_call(self, impl, case, ids, row_names, row_slots, switch: StrategySwitch):
-        if impl in ("ours", "grouped", "bmm", "bgmv", "ours_no_adapter"):
+        if impl in ("ours", "grouped", "bmm", "bgmv", "fused", "ours_no_adapter"):
             slots = [None] * case.batch if impl == "ours_no_adapter" else row_slots
             fn, before = self._call(case, ids, self._ours_forward(slots, case.tokens_per_row))
-            return switch.calling(impl if impl in ("grouped", "bmm", "bgmv") else None, fn), before
+            return switch.calling(impl if impl in ("grouped", "bmm", "bgmv", "fused") else None, fn), before
         if impl == "peft":
             peft_model = self._peft_model(case)
             return self._call(case, ids, lambda kw: peft_model(**kw, adapter_names=row_names), wrapped=False)

@@ -12,7 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 LORA_COLUMNS = ("ours", "grouped", "bmm", "bgmv", "paper_bmm", "peft", "loop")
-LABELS = {"flora ours": "FLoRA: ours", "flora loop": "FLoRA: loop", "ours_no_adapter": "ours, rows without adapters",
+FLORA_COLUMNS = ("ours", "fused", "loop")  # fused: the one-kernel Triton FLoRA (CUDA with Triton only)
+LABELS = {"flora ours": "FLoRA: ours", "flora loop": "FLoRA: loop", "flora fused": "FLoRA: fused (Triton)",
+          "ours_no_adapter": "ours, rows without adapters",
           "ours_slots_r64": "ours, LoRA slots padded to rank 64", "paper_bmm": "paper's bmm (per row)",
           "bmm": "bmm (per chunk)", "bgmv": "bgmv (Triton)", "peft": "PEFT mixed batch",
           "loop": "loop over adapter groups"}
@@ -20,7 +22,7 @@ TARGETS = {"lora": 1.15, "flora": 1.05}  # model-level decode, B=32, 32 distinct
 STYLE = {"ours": ("tab:blue", "o"), "grouped": ("tab:cyan", "s"), "bmm": ("tab:orange", "^"), "bgmv": ("black", "P"),
          "paper_bmm": ("tab:brown", "v"), "peft": ("tab:red", "D"), "loop": ("tab:gray", "x"),
          "ours_no_adapter": ("tab:green", "."), "ours_slots_r64": ("tab:olive", "*"),
-         "flora ours": ("tab:purple", "o"), "flora loop": ("tab:pink", "x")}
+         "flora ours": ("tab:purple", "o"), "flora loop": ("tab:pink", "x"), "flora fused": ("indigo", "P")}
 
 
 def _index(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
@@ -40,13 +42,14 @@ def _headline(rows: list[dict]) -> list[str]:
     if not any(r["level"] == "model" for r in rows):
         return []
     table = _index(rows)
+    fused = any(r["impl"] == "fused" for r in rows)
     lines = ["## Headline: model-level decode, B=32, every row with its own adapter (D=32)", "",
              "Ratios are forward time / the base model's on the same batch. Targets on the CPU: LoRA rank 16 "
              "<= 1.15x, FLoRA rank 1 <= 1.05x, and at least 3x faster than PEFT's mixed batch.", "",
-             "| model | base ms | ours, LoRA r16 | ours, FLoRA r1 | PEFT mixed batch, LoRA r16 | PEFT / ours: time "
-             "| PEFT / ours: added time | loop over adapters, LoRA r16 | ours, no adapter rows "
-             "| ours, LoRA r16 in rank-64 slots |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | base ms | ours, LoRA r16 | ours, FLoRA r1 | " + ("fused Triton, FLoRA r1 | " if fused else "")
+             + "PEFT mixed batch, LoRA r16 | PEFT / ours: time | PEFT / ours: added time | loop over adapters, "
+             "LoRA r16 | ours, no adapter rows | ours, LoRA r16 in rank-64 slots |",
+             "|---|" + "---:|" * (9 + fused)]
     for target in sorted({r["target"] for r in rows if r["level"] == "model"}):
         lora = table.get(("model", target, "decode", 32, 1, 32, "lora", 16), {})
         flora = table.get(("model", target, "decode", 32, 1, 32, "flora", 1), {})
@@ -57,7 +60,9 @@ def _headline(rows: list[dict]) -> list[str]:
                  if peft and ours["ms"] > ours["base_ms"] else "")
         speedup = f"{peft['ms'] / ours['ms']:.2f}x" if peft else ""
         lines.append(f"| {target} | {ours['base_ms']:.1f} | {_verdict(ours, 'lora')} | "
-                     f"{_verdict(flora.get('ours'), 'flora')} | {_cell(peft)} | {speedup} | {added} | "
+                     f"{_verdict(flora.get('ours'), 'flora')} | "
+                     + (f"{_verdict(flora.get('fused'), 'flora')} | " if fused else "")
+                     + f"{_cell(peft)} | {speedup} | {added} | "
                      f"{_cell(lora.get('loop'))} | {_cell(lora.get('ours_no_adapter'))} | "
                      f"{_cell(next((v for k, v in lora.items() if k.startswith('ours_slots_r')), None))} |")
     return lines + [""]
@@ -77,15 +82,17 @@ def _shape_tables(rows: list[dict]) -> list[str]:
         keys = sorted({k[:6] for k in table if k[0] == level and k[1] == target},
                       key=lambda k: (k[2] != "decode", k[3], k[4], k[5]))
         columns = [c for c in LORA_COLUMNS if any(c in table.get(k + ("lora", 16), {}) for k in keys)]
+        flora_columns = [c for c in FLORA_COLUMNS if any(c in table.get(k + ("flora", 1), {}) for k in keys)]
         lines += [f"## {level} `{target}`: LoRA rank 16 and FLoRA rank 1", "",
-                  "| phase | B | tokens/row | D | base ms | " + " | ".join(columns) + " | FLoRA ours | FLoRA loop |",
-                  "|---|---:|---:|---:|---:|" + "---:|" * (len(columns) + 2)]
+                  "| phase | B | tokens/row | D | base ms | " + " | ".join(columns) + " | "
+                  + " | ".join(f"FLoRA {c}" for c in flora_columns) + " |",
+                  "|---|---:|---:|---:|---:|" + "---:|" * (len(columns) + len(flora_columns))]
         for key in keys:
             lora, flora = table.get(key + ("lora", 16), {}), table.get(key + ("flora", 1), {})
             if not lora and not flora:
                 continue
             base = next(iter((lora or flora).values()))["base_ms"]
-            cells = [_cell(lora.get(c)) for c in columns] + [_cell(flora.get("ours")), _cell(flora.get("loop"))]
+            cells = [_cell(lora.get(c)) for c in columns] + [_cell(flora.get(c)) for c in flora_columns]
             lines.append(f"| {key[2]} | {key[3]} | {key[4]} | {key[5]} | {base:.3f} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -95,7 +102,7 @@ def _rank_table(rows: list[dict]) -> list[str]:
     sweep = [r for r in rows if r["phase"] == "decode" and r["batch"] == 32 and r["distinct"] == 32]
     if len({r["rank"] for r in sweep}) < 3:
         return []
-    columns = [c for c in LORA_COLUMNS if any(r["impl"] == c for r in sweep)]
+    columns = [c for c in (*LORA_COLUMNS, "fused") if any(r["impl"] == c for r in sweep)]
     lines = ["## Rank sweep: decode, B=32, D=32 (ratio to base)", "",
              "| level | target | kind | rank | base ms | " + " | ".join(columns) + " |",
              "|---|---|---|---:|---:|" + "---:|" * len(columns)]

@@ -163,6 +163,45 @@ def _flora_factors(
     return flora_in.index_select(0, rows.slots), flora_out.index_select(0, rows.slots)
 
 
+FloraMatmulFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, SlotRows, int], torch.Tensor]
+
+FLORA_MATMULS: dict[str, FloraMatmulFn] = {"gemm": flora_matmul}
+
+
+@functools.cache
+def gpu_flora_matmuls() -> dict[str, FloraMatmulFn]:
+    """FLoRA layers that run as one Triton kernel (CUDA): {} where Triton is not installed (CPU builds).
+
+    Tests and benchmarks force them by name; pick_flora_matmul does not pick them until they are measured.
+    """
+    try:
+        from flora_core.triton_flora import flora_matmul_fused  # noqa: PLC0415 - Triton is optional
+    except ImportError:
+        return {}
+    return {"fused": flora_matmul_fused}
+
+
+def flora_matmul_named(name: str) -> FloraMatmulFn:
+    """The FLoRA layer implementation called `name`: in FLORA_MATMULS, or else in gpu_flora_matmuls()."""
+    matmul = FLORA_MATMULS.get(name) or gpu_flora_matmuls().get(name)
+    if matmul is None:
+        known = sorted({*FLORA_MATMULS, *gpu_flora_matmuls()})
+        raise ValueError(f"FLoRA implementation {name!r} is not available here (these are: {known}); "
+                         "'fused' needs Triton, which CUDA builds of torch install")
+    return matmul
+
+
+def pick_flora_matmul(rows: SlotRows, rank: int) -> str:
+    """Choose the FLoRA implementation for one batch in one layer: a name in FLORA_MATMULS.
+
+    rows: the batch's FLoRA tokens; rank: the largest rank among their slots in this layer.
+    Always "gemm" (scales around torch's GEMM, differentiable) until the fused Triton kernel is
+    measured against it on a GPU (bench.adapter_overhead --device cuda times both); a measured
+    crossover in tokens and rank goes here.
+    """
+    return "gemm"
+
+
 def ia3_scale(h: torch.Tensor, scales: torch.Tensor, rows: SlotRows) -> torch.Tensor:
     """h[t_i] = h[t_i] * scales[s_i] for the rows' tokens; every other token is returned untouched.
 

@@ -1,11 +1,11 @@
 """What one wrapped layer computes for one batch, decided once per forward pass and shared.
 
-Which of the batch's slots target a layer, at which rank, with which LoRA strategy and on which
-side IA3 scales depend only on the layer's per-slot table (each slot's rank in this layer, IA3's
-side, the layer's width) and on the batch. `layer_plan` makes that `LayerPlan` on a layer's first
-call and memoizes it in the batch under the table, so layers with equal tables (most of a
-model's layers) share one. A slot write builds a new table, hence a new key: a plan can never
-outlive the weights it was made for.
+Which of the batch's slots target a layer, at which rank, with which LoRA strategy and FLoRA
+implementation, and on which side IA3 scales depend only on the layer's per-slot table (each
+slot's rank in this layer, IA3's side, the layer's width) and on the batch. `layer_plan` makes
+that `LayerPlan` on a layer's first call and memoizes it in the batch under the table, so layers
+with equal tables (most of a model's layers) share one. A slot write builds a new table, hence a
+new key: a plan can never outlive the weights it was made for.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from flora_core.adapter_batch import AdapterBatch, SlotRows
-from flora_core.batched_ops import pick_lora_strategy
+from flora_core.batched_ops import pick_flora_matmul, pick_lora_strategy
 
 
 class SlotTable(NamedTuple):
@@ -37,7 +37,7 @@ class SlotTable(NamedTuple):
 @dataclass(frozen=True)
 class LayerPlan:
     """One layer's work for one batch: IA3 on input/output, LoRA's rank and strategy, DoRA's tokens, FLoRA's
-    rank groups."""
+    rank groups and implementation."""
 
     ia3_in: bool  # some IA3 token scales this layer's input
     ia3_out: bool  # ... or its output
@@ -46,6 +46,7 @@ class LayerPlan:
     lora_strategy: str | None  # a name in batched_ops.LORA_STRATEGIES when lora_rank > 0
     lora_rows: SlotRows | None  # the LoRA tokens the strategy runs over: sorted, or in batch order for bmm
     flora_groups: tuple[tuple[int, SlotRows], ...]  # (rank, its tokens); () = no FLoRA slot targets it
+    flora_matmul: str | None  # a name in batched_ops.FLORA_MATMULS when flora_groups is not empty
     dora_rows: SlotRows | None = None  # the LoRA tokens whose slot is DoRA in this layer; None = none
 
 
@@ -60,6 +61,8 @@ def layer_plan(table: SlotTable, batch: AdapterBatch) -> LayerPlan:
 def _build_plan(table: SlotTable, batch: AdapterBatch) -> LayerPlan:
     lora_rank = max((table.lora_rank[slot] for slot in batch.lora.distinct_slots), default=0)
     strategy = pick_lora_strategy(batch.lora, lora_rank, table.width) if lora_rank else None
+    flora_groups = _flora_rank_groups(table.flora_rank, batch.flora)
+    flora_rank = max((rank for rank, _ in flora_groups), default=0)
     return LayerPlan(
         ia3_in=any(table.ia3_in[slot] for slot in batch.ia3.distinct_slots),
         ia3_out=any(table.ia3_out[slot] for slot in batch.ia3.distinct_slots),
@@ -67,7 +70,8 @@ def _build_plan(table: SlotTable, batch: AdapterBatch) -> LayerPlan:
         lora_rank=lora_rank,
         lora_strategy=strategy,
         lora_rows=_lora_rows(batch.lora, strategy),
-        flora_groups=_flora_rank_groups(table.flora_rank, batch.flora),
+        flora_groups=flora_groups,
+        flora_matmul=pick_flora_matmul(batch.flora, flora_rank) if flora_groups else None,
         dora_rows=_dora_rows(table.lora_dora, batch.lora),
     )
 

@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from flora_core.adapter_batch import AdapterBatch, SlotRows
 from flora_core.adapter_weights import AdapterKind, FloraModule, Ia3Module, LoraModule, ModuleWeights
-from flora_core.batched_ops import flora_matmul, ia3_scale, lora_strategy
+from flora_core.batched_ops import flora_matmul_named, ia3_scale, lora_strategy
 from flora_core.layer_plan import LayerPlan, SlotTable, layer_plan
 
 
@@ -241,6 +241,7 @@ class MultiAdapterLinear(nn.Module):
         """
         if not plan.flora_groups:
             return self.base_layer(tokens)
+        flora_matmul = flora_matmul_named(plan.flora_matmul)
         y = None
         for rank, rows in plan.flora_groups:
             flora_y = flora_matmul(tokens, self._weight_out_in(), self.flora_in, self.flora_out, rows, rank)

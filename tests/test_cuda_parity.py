@@ -3,7 +3,8 @@
 CI has no GPU: these run where one is lent, `bash scripts/test.sh tests/test_cuda_parity.py`.
 The layers, adapters and references are test_batched_parity's; only the device differs, and
 every LoRA strategy (the Triton `bgmv` too, where Triton is installed) is forced as well as left
-to the CUDA rule of `pick_lora_strategy`.
+to the CUDA rule of `pick_lora_strategy`, and so is every FLoRA implementation (the fused Triton
+kernel too).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch
 import flora_core.layer_plan as layer_plan
 from flora_core.adapter_batch import AdapterBatch, AdapterSlot
 from flora_core.adapter_weights import AdapterKind
-from flora_core.batched_ops import CUDA_BMM_MIN_DISTINCT, LORA_STRATEGIES, gpu_lora_strategies, pick_lora_strategy
+from flora_core.batched_ops import (
+    CUDA_BMM_MIN_DISTINCT, FLORA_MATMULS, LORA_STRATEGIES, gpu_flora_matmuls, gpu_lora_strategies, pick_lora_strategy,
+)
 from flora_core.multi_adapter_linear import SlotCapacity
 from flora_core.patching import adapter_batch_scope, patch_model
 from tests.factories import TINY_MODELS, random_adapter
@@ -38,7 +41,22 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_layer_on_cuda_matches_reference(monkeypatch, strategy, dtype, kinds, rank, layout):
     if strategy != "rule":
         monkeypatch.setattr(layer_plan, "pick_lora_strategy", lambda rows, r, width: strategy)
-    reference_layer = make_layer("linear", dtype, CAPACITY)
+    check_layer_on_cuda("linear", dtype, kinds, rank, layout)
+
+
+@pytest.mark.parametrize("matmul", [*FLORA_MATMULS, *gpu_flora_matmuls()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layer_type", ["linear", "conv1d"])
+@pytest.mark.parametrize(("kinds", "rank"), [("flora", 1), ("flora", 3), ("flora", 8), ("mixed", 4)])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_flora_on_cuda_matches_reference(monkeypatch, matmul, dtype, layer_type, kinds, rank, layout):
+    monkeypatch.setattr(layer_plan, "pick_flora_matmul", lambda rows, r: matmul)
+    check_layer_on_cuda(layer_type, dtype, kinds, rank, layout)
+
+
+def check_layer_on_cuda(layer_type: str, dtype: torch.dtype, kinds: str, rank: int, layout: str) -> None:
+    """One layer's batch on CUDA against the float64 per-row reference computed on the CPU."""
+    reference_layer = make_layer(layer_type, dtype, CAPACITY)
     layer = copy.deepcopy(reference_layer).to(DEVICE)
     adapters = adapter_set(kinds, rank)
     slots = load_into_slots(layer, adapters)

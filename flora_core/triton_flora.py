@@ -1,0 +1,122 @@
+"""FLoRA's batched layer as one Triton GEMM: each token's own input and output scales fused in.
+
+`flora_matmul_fused` takes `batched_ops.flora_matmul`'s arguments and returns its result. Where
+that function runs five kernels at rank 1 (two factor gathers, the input scale, the GEMM, the
+output scale) and materializes [n*r, d_in] scaled copies at rank r, this runs one: each program
+takes a tile of (token, rank index) pairs, the paper's [tokens*r, d_in] reshape, scales the
+tokens by their slot's flora_in rows as it loads them, multiplies by W0 once, then scales by
+flora_out and sums over the rank in registers. It runs on CUDA, or on the CPU under Triton's
+interpreter (TRITON_INTERPRET=1 set before this module is imported), which is how the tests
+check it where no GPU is. The layer plan does not pick it yet: its tile sizes are a first guess,
+and its speed against flora_matmul is to be measured on a GPU (`bench.adapter_overhead --device
+cuda` times it as `fused` beside ours).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from flora_core.adapter_batch import SlotRows
+
+BLOCK_K = 64  # input features per step of the GEMM loop
+MAX_ROWS_PER_TILE = 64  # (token, rank index) pairs per program
+
+
+@triton.jit
+def _flora_gemm(x_ptr, w_ptr, fin_ptr, fout_ptr, token_ptr, slot_ptr, out_ptr, n, d_out, rank,
+                stride_x, stride_w_out, stride_w_in, stride_fin_slot, stride_fin_rank,
+                stride_fout_slot, stride_fout_rank, stride_out,
+                D_IN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, IEEE_FP32: tl.constexpr):
+    """out[i, cols] = sum_j fout[s_i, j, cols] * ((fin[s_i, j] * x[t_i]) @ W0[cols].T), for BLOCK_T tokens.
+
+    The tile's rows are the BLOCK_T * BLOCK_R pairs (token i, rank index j), j fastest; j >= rank is
+    masked to zero, so a tile holds BLOCK_T tokens whatever the rank.
+    """
+    pair = tl.arange(0, BLOCK_T * BLOCK_R)
+    i = tl.program_id(0) * BLOCK_T + pair // BLOCK_R  # [P] token of each pair
+    j = pair % BLOCK_R  # [P] rank index of each pair
+    pair_ok = (i < n) & (j < rank)
+    token = tl.load(token_ptr + i, mask=i < n, other=0)
+    slot = tl.load(slot_ptr + i, mask=i < n, other=0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < d_out
+    acc = tl.zeros((BLOCK_T * BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for start in range(0, D_IN, BLOCK_K):
+        k = start + tl.arange(0, BLOCK_K)
+        k_ok = k < D_IN
+        load_ok = pair_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptr + token[:, None] * stride_x + k[None, :], mask=load_ok, other=0.0)
+        scale = tl.load(fin_ptr + slot[:, None] * stride_fin_slot + j[:, None] * stride_fin_rank + k[None, :],
+                        mask=load_ok, other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * stride_w_out + k[:, None] * stride_w_in,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]: W0.T's tile
+        scaled = (x.to(tl.float32) * scale.to(tl.float32)).to(w.dtype)
+        if IEEE_FP32:
+            acc += tl.dot(scaled, w, input_precision="ieee")
+        else:
+            acc += tl.dot(scaled, w)
+    out_scale = tl.load(fout_ptr + slot[:, None] * stride_fout_slot + j[:, None] * stride_fout_rank + cols[None, :],
+                        mask=pair_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    out = tl.sum(tl.reshape(acc * out_scale, (BLOCK_T, BLOCK_R, BLOCK_N)), axis=1)  # [BLOCK_T, BLOCK_N]
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < n) & col_ok[None, :])
+
+
+def flora_matmul_fused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    flora_in: torch.Tensor,
+    flora_out: torch.Tensor,
+    rows: SlotRows,
+    rank: int,
+) -> torch.Tensor:
+    """y[i] = sum_j flora_out[s_i, j] * ((flora_in[s_i, j] * x[t_i]) @ weight.T), accumulated in fp32.
+
+    x: [T, d_in]; weight: [d_out, d_in] (any strides); flora_in: [S, R, d_in]; flora_out: [S, R, d_out]
+    (the rank-mean 1/r folded in); rows: n tokens (t_i) with slots (s_i); rank: r <= R. Returns
+    [n, d_out] in x's dtype; the bias is the caller's. Not differentiable: serving only.
+    """
+    n, d_in, d_out = rows.num_tokens, x.shape[1], weight.shape[0]
+    out = x.new_empty(n, d_out)
+    if n == 0:
+        return out
+    x = x if x.stride(1) == 1 else x.contiguous()
+    flora_in = flora_in if flora_in.stride(2) == 1 else flora_in.contiguous()
+    flora_out = flora_out if flora_out.stride(2) == 1 else flora_out.contiguous()
+    block_r = triton.next_power_of_2(rank)
+    block_t = max(1, min(MAX_ROWS_PER_TILE // block_r, triton.next_power_of_2(n)))
+    block_t = max(block_t, 16 // block_r)  # tl.dot needs 16 rows at least
+    block_n = _block_n(x.device, triton.cdiv(n, block_t), d_out)
+    grid = (triton.cdiv(n, block_t), triton.cdiv(d_out, block_n))
+    _flora_gemm[grid](x, weight, flora_in, flora_out, rows.token_index, rows.slots, out, n, d_out, rank,
+                      x.stride(0), weight.stride(0), weight.stride(1), flora_in.stride(0), flora_in.stride(1),
+                      flora_out.stride(0), flora_out.stride(1), out.stride(0),
+                      D_IN=d_in, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
+                      IEEE_FP32=x.dtype == torch.float32)
+    return out
+
+
+def _block_n(device: torch.device, token_tiles: int, d_out: int) -> int:
+    """Output columns per program: the widest of 128/64/32 that still gives every SM a program.
+
+    A decode batch is one token tile, so its programs are the column blocks: too wide a block
+    leaves SMs idle while the GEMM streams W0, which is all its time at that size.
+    """
+    programs_wanted = _multiprocessors(device)
+    for block_n in (128, 64):
+        if token_tiles * triton.cdiv(d_out, block_n) >= programs_wanted:
+            return block_n
+    return 32
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: any block is as good
+    return torch.cuda.get_device_properties(device).multi_processor_count

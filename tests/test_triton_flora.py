@@ -1,0 +1,97 @@
+"""The fused FLoRA Triton kernel (flora_core.triton_flora) against the per-row reference, on the CPU.
+
+As in test_triton_lora, Triton's interpreter runs the kernel with NumPy where no GPU is, once
+TRITON_INTERPRET=1 is set before the kernel is defined, so the check runs in a child process
+(`python -m tests.test_triton_flora`). The interpreter computes bf16 dot products wrongly, so it
+checks fp32 only; tests/test_cuda_parity.py runs the compiled kernel in fp32 and bf16 on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+import flora_core.layer_plan as layer_plan
+from flora_core.adapter_batch import AdapterBatch
+from tests.test_batched_parity import (
+    CAPACITY, D_IN, LAYOUTS, TOKENS_PER_ROW, adapter_set, assert_close_to_reference, assert_visible_effect,
+    load_into_slots, make_layer, reference_rows,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYER_TYPES = ("linear", "conv1d")  # Conv1D's W0 is a transposed view: the kernel reads it by its strides
+KINDS = ("flora", "mixed")  # mixed: FLoRA tokens are a subset of the batch, beside LoRA and IA3 rows
+RANKS = (1, 3, 8, 64)  # adapter_set mixes ranks r, r // 2 and 1 in one batch: rank groups of 1 to 3
+
+
+def check_every_layout() -> None:
+    """The fused kernel forced in one layer: every layout, layer type, rank mix and kind, as the reference."""
+    from flora_core.batched_ops import gpu_flora_matmuls  # noqa: PLC0415 - after TRITON_INTERPRET is set
+
+    assert "fused" in gpu_flora_matmuls(), "Triton is installed but the fused FLoRA kernel did not load"
+    with mock.patch.object(layer_plan, "pick_flora_matmul", lambda rows, rank: "fused"):
+        for layer_type in LAYER_TYPES:
+            for kinds in KINDS:
+                for rank in RANKS:
+                    layer = make_layer(layer_type, torch.float32, CAPACITY)
+                    adapters = adapter_set(kinds, rank)
+                    slots = load_into_slots(layer, adapters)
+                    for name, row_ids in LAYOUTS.items():
+                        x = torch.randn(len(row_ids), TOKENS_PER_ROW, D_IN)
+                        row_slots = [slots[i] if i is not None else None for i in row_ids]
+                        batch = AdapterBatch.from_rows(row_slots, TOKENS_PER_ROW)
+                        with torch.no_grad():
+                            out = layer(x, batch=batch)
+                        plan = next(iter(batch.layer_plans.values()), None)
+                        assert plan is None or plan.flora_matmul in (None, "fused"), plan
+                        ref = reference_rows(layer, [adapters[i] if i is not None else None for i in row_ids], x)
+                        assert_close_to_reference(out, ref, torch.float32)
+                        base_ref = reference_rows(layer, [None] * len(row_ids), x)
+                        assert_visible_effect(ref, base_ref, row_ids, torch.float32)
+                        print(f"{layer_type} {kinds} rank {rank:2d} {name}: ok", flush=True)
+
+
+def test_fused_flora_kernel_matches_the_reference_in_the_interpreter():
+    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch do not bring it)")
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-m", "tests.test_triton_flora"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"interpreted kernel failed:\n{done.stdout}\n{done.stderr[-4000:]}"
+    assert done.stdout.count(": ok") == len(LAYER_TYPES) * len(KINDS) * len(RANKS) * len(LAYOUTS), done.stdout
+
+
+def test_the_rule_keeps_the_differentiable_gemm():
+    """Until the kernel is measured on a GPU, every batch's plan takes "gemm", which training needs."""
+    layer = make_layer("linear", torch.float32, CAPACITY)
+    slots = load_into_slots(layer, adapter_set("flora", 2))
+    x = torch.randn(3, TOKENS_PER_ROW, D_IN, requires_grad=True)
+    batch = AdapterBatch.from_rows([slots[0], slots[1], slots[3]], TOKENS_PER_ROW)
+    layer(x, batch=batch).sum().backward()
+    assert [plan.flora_matmul for plan in batch.layer_plans.values()] == ["gemm"]
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_no_fused_flora_without_triton():
+    """Where Triton is absent the fused kernel is not offered, and asking for it names what it needs."""
+    from flora_core import batched_ops  # noqa: PLC0415
+
+    with mock.patch.dict(sys.modules, {"triton": None, "flora_core.triton_flora": None}):
+        batched_ops.gpu_flora_matmuls.cache_clear()
+        try:
+            assert batched_ops.gpu_flora_matmuls() == {}
+            with pytest.raises(ValueError, match="'fused' needs Triton"):
+                batched_ops.flora_matmul_named("fused")
+        finally:
+            batched_ops.gpu_flora_matmuls.cache_clear()
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    check_every_layout()
