@@ -89,10 +89,7 @@ def flora_matmul_fused(
     x = x if x.stride(1) == 1 else x.contiguous()
     flora_in = flora_in if flora_in.stride(2) == 1 else flora_in.contiguous()
     flora_out = flora_out if flora_out.stride(2) == 1 else flora_out.contiguous()
-    block_r = triton.next_power_of_2(rank)
-    block_t = max(1, min(MAX_ROWS_PER_TILE // block_r, triton.next_power_of_2(n)))
-    block_t = max(block_t, 16 // block_r)  # tl.dot needs 16 rows at least
-    block_n = _block_n(x.device, triton.cdiv(n, block_t), d_out)
+    block_t, block_r, block_n = tile_sizes(n, rank, d_out, _multiprocessors(x.device))
     grid = (triton.cdiv(n, block_t), triton.cdiv(d_out, block_n))
     _flora_gemm[grid](x, weight, flora_in, flora_out, rows.token_index, rows.slots, out, n, d_out, rank,
                       x.stride(0), weight.stride(0), weight.stride(1), flora_in.stride(0), flora_in.stride(1),
@@ -102,17 +99,21 @@ def flora_matmul_fused(
     return out
 
 
-def _block_n(device: torch.device, token_tiles: int, d_out: int) -> int:
-    """Output columns per program: the widest of 128/64/32 that still gives every SM a program.
+def tile_sizes(n: int, rank: int, d_out: int, multiprocessors: int) -> tuple[int, int, int]:
+    """(BLOCK_T tokens, BLOCK_R rank indices, BLOCK_N output columns) per program, for n tokens at `rank`.
 
-    A decode batch is one token tile, so its programs are the column blocks: too wide a block
-    leaves SMs idle while the GEMM streams W0, which is all its time at that size.
+    A tile holds up to MAX_ROWS_PER_TILE (token, rank index) pairs and at least 16 (tl.dot's documented least).
+    BLOCK_N is the widest of 128/64/32 that still gives every SM a program: a decode batch is one
+    token tile, so its programs are the column blocks, and too wide a block leaves SMs idle while
+    the GEMM streams W0, which is all its time at that size.
     """
-    programs_wanted = _multiprocessors(device)
+    block_r = triton.next_power_of_2(rank)
+    block_t = max(1, min(MAX_ROWS_PER_TILE // block_r, triton.next_power_of_2(n)), 16 // block_r)
+    token_tiles = triton.cdiv(n, block_t)
     for block_n in (128, 64):
-        if token_tiles * triton.cdiv(d_out, block_n) >= programs_wanted:
-            return block_n
-    return 32
+        if token_tiles * triton.cdiv(d_out, block_n) >= multiprocessors:
+            return block_t, block_r, block_n
+    return block_t, block_r, 32
 
 
 @functools.cache
