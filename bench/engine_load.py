@@ -18,6 +18,7 @@ model is bound by kernel launches, and a 7B one by reading its weights, as in se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -28,11 +29,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoTokenizer
 
+from bench.overhead_layer import strategy_switch
 from bench.overhead_model import MODEL_NAMES, build_base
 from bench.serving_load import Workload
 from bench.serving_report import engine_table
 from bench.timing import add_device_arguments, device_and_dtype, interleaved, load_average, machine_info
 from flora_core.adapter_weights import AdapterKind, AdapterWeights, FloraModule, LoraModule
+from flora_core.batched_ops import gpu_flora_matmuls
 from flora_core.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from flora_core.engine import Engine, EngineConfig
 from flora_core.host_memory import keep_freed_host_memory
@@ -128,10 +131,11 @@ def run_model(model_name: str, adapters: int, rank: int, concurrency: int, durat
               dtype: torch.dtype = torch.float32, warmup_s: float = 0.0,
               profile_s: float = 0.0) -> tuple[list[dict], str | None]:
     """base / uniform over `adapters` / the same with one adapter per step (/ the same adapters as DoRA)
-    (/ as many FLoRA rank-1 adapters), on one patched model, in rounds after warmup_s of each point
-    untimed. The adapters are made in float32 host memory, as loaded ones are; slot writes move them
-    to the model's device and dtype. With profile_s, the LoRA point runs that long more under
-    torch.profiler, and its table of ops by self time comes back beside the results."""
+    (/ as many FLoRA rank-1 adapters, and on CUDA with Triton the same through the fused FLoRA kernel),
+    on one patched model, in rounds after warmup_s of each point untimed. The adapters are made in
+    float32 host memory, as loaded ones are; slot writes move them to the model's device and dtype.
+    With profile_s, the LoRA point runs that long more under torch.profiler, and its table of ops by
+    self time comes back beside the results."""
     model = MultiAdapterModel(build_base(model_name, device, dtype), capacity=SlotCapacity(
         lora_slots=2 * concurrency, lora_max_rank=rank, flora_slots=2 * concurrency if flora else 1,
         flora_max_rank=1, ia3_slots=1))
@@ -150,26 +154,33 @@ def run_model(model_name: str, adapters: int, rank: int, concurrency: int, durat
     vocab = model.model.config.vocab_size
     encode = lambda text: [3 + ord(c) % (vocab - 3) for c in text]  # noqa: E731 - a stand-in tokenizer
     uniform = f"uniform-{adapters}"
-    lora_point = (uniform, None, names)  # (label, adapter limit per step, adapters drawn from)
-    points = [("base", None, ()), lora_point, (uniform, 1, names)]
-    points += [(f"dora-{uniform}", None, dora_names)] if dora else []
-    points += [(f"flora-{uniform}", None, flora_names)] if flora else []
+    # (label, adapter limit per step, adapters drawn from, a FLoRA implementation forced or None for the rule's)
+    lora_point = (uniform, None, names, None)
+    points = [("base", None, (), None), lora_point, (uniform, 1, names, None)]
+    points += [(f"dora-{uniform}", None, dora_names, None)] if dora else []
+    points += [(f"flora-{uniform}", None, flora_names, None)] if flora else []
+    if flora and device.type == "cuda" and "fused" in gpu_flora_matmuls():
+        points.append((f"flora-fused-{uniform}", None, flora_names, "fused"))
 
-    def closed_loop(label: str, limit: int | None, drawn_from: Sequence[str], seconds: float, k: int) -> dict:
+    def closed_loop(label: str, limit: int | None, drawn_from: Sequence[str], flora_matmul: str | None,
+                    seconds: float, k: int) -> dict:
         engine = Engine(model, EngineConfig(max_model_len=64, max_running=64, max_batched_tokens=256,
                                             max_adapters_per_step=limit))
         try:
             workload = Workload(label, tuple(drawn_from))
-            return engine_closed_loop(engine, workload, concurrency, seconds, seed + k, encode)
+            with strategy_switch() if flora_matmul else contextlib.nullcontext() as switch:
+                if switch is not None:
+                    switch.name = flora_matmul
+                return engine_closed_loop(engine, workload, concurrency, seconds, seed + k, encode)
         finally:
             engine.close()
 
-    for label, limit, drawn_from in points if warmup_s > 0 else ():  # kernels compiled, caches and allocator filled
-        closed_loop(label, limit, drawn_from, warmup_s, -1)
+    for point in points if warmup_s > 0 else ():  # kernels compiled, caches and allocator filled
+        closed_loop(*point, warmup_s, -1)
     results = []
-    for k, (label, limit, drawn_from) in interleaved(points, rounds):
+    for k, (label, limit, drawn_from, flora_matmul) in interleaved(points, rounds):
         load_before = load_average()
-        stats = closed_loop(label, limit, drawn_from, duration_s, k)
+        stats = closed_loop(label, limit, drawn_from, flora_matmul, duration_s, k)
         results.append({"app": "engine" if limit is None else "engine_one_adapter_per_step", "model": model_name,
                         "workload": label, "concurrency": concurrency, "round": k, **stats,
                         "load_average": load_before})
@@ -205,7 +216,8 @@ def main() -> None:
     parser.add_argument("--profile", type=float, default=0.0,
                         help="seconds of the LoRA point under torch.profiler after the rounds (0: none)")
     parser.add_argument("--dora", action="store_true", help="also the same adapters as DoRA (a magnitude each)")
-    parser.add_argument("--flora", action="store_true", help="also as many FLoRA rank-1 adapters")
+    parser.add_argument("--flora", action="store_true", help="also as many FLoRA rank-1 adapters (on CUDA with "
+                        "Triton, through the fused FLoRA kernel too)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     add_device_arguments(parser)
     args = parser.parse_args()

@@ -6,7 +6,8 @@
 #                                        # the LoRA crossover
 #   bash bench/gpu_session.sh models     # the adapter-overhead GPU grid's models, bf16 (the B=64 targets)
 #   bash bench/gpu_session.sh engine     # the engine alone on Llama-2-7B's shapes: base, 100 adapters
-#                                        # (LoRA, one per step, DoRA, FLoRA r1), with a profile of one step
+#                                        # (LoRA, one per step, DoRA, FLoRA r1 as it runs and fused), with a
+#                                        # profile of one step
 #   bash bench/gpu_session.sh graphs     # the grid's layers, timing CUDA graph replays: the kernels alone
 #   bash bench/gpu_session.sh layers     # the same layers timed eagerly
 #
