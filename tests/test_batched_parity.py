@@ -361,7 +361,7 @@ def linear_shapes(layers) -> dict[str, tuple[int, int]]:
 def test_model_mixed_batch_matches_merged_models(arch):
     base = TINY_MODELS[arch]()
     model = copy.deepcopy(base)
-    layers = patch_model(model, "all-linear", SlotCapacity(lora_slots=2, flora_slots=2, ia3_slots=1))
+    layers = patch_model(model, "all-linear", SlotCapacity(lora_slots=2, flora_slots=3, ia3_slots=1))
     shapes = linear_shapes(layers)
     attention_only = {n: s for n, s in shapes.items() if "attn" in n}
     adapters = [
@@ -370,6 +370,7 @@ def test_model_mixed_batch_matches_merged_models(arch):
         random_adapter(AdapterKind.IA3, shapes, seed=3),
         random_adapter(AdapterKind.LORA, attention_only, rank=1, seed=4),  # targets only some layers
         random_adapter(AdapterKind.FLORA, attention_only, rank=1, seed=5),
+        random_adapter(AdapterKind.FLORA, shapes, rank=2, seed=6),  # two FLoRA slots in one rank group
     ]
     kinds_used = {kind: 0 for kind in AdapterKind}
     slots = []
@@ -379,7 +380,7 @@ def test_model_mixed_batch_matches_merged_models(arch):
         for name, layer in layers.items():
             layer.write_slot(slot.kind, slot.slot, adapter.modules.get(name))
         slots.append(slot)
-    row_ids = [0, 1, None, 2, 3, 1, 4, None, 0]
+    row_ids = [0, 1, None, 2, 3, 5, 1, 4, None, 0]
     input_ids = torch.randint(0, 128, (len(row_ids), 7), generator=torch.Generator().manual_seed(0))
     batch = AdapterBatch.from_rows([slots[i] if i is not None else None for i in row_ids], 7)
     with torch.no_grad(), adapter_batch_scope(layers.values(), batch):

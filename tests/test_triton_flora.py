@@ -2,8 +2,10 @@
 
 As in test_triton_lora, Triton's interpreter runs the kernel with NumPy where no GPU is, once
 TRITON_INTERPRET=1 is set before the kernel is defined, so the check runs in a child process
-(`python -m tests.test_triton_flora`). The interpreter computes bf16 dot products wrongly, so it
-checks fp32 only; tests/test_cuda_parity.py runs the compiled kernel in fp32 and bf16 on a GPU.
+(`python -m tests.test_triton_flora`): one layer in every layout, then tiny Llama, Qwen2 and GPT-2
+with every adapter kind in one batch against the merged models. The interpreter computes bf16 dot
+products wrongly, so it checks fp32 only; tests/test_cuda_parity.py runs the compiled kernel in
+fp32 and bf16 on a GPU.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch
 
 import flora_core.layer_plan as layer_plan
 from flora_core.adapter_batch import AdapterBatch
+from tests import test_batched_parity as parity  # its model test is called, not collected again here
+from tests.factories import TINY_MODELS
 from tests.test_batched_parity import (
     CAPACITY, D_IN, LAYOUTS, TOKENS_PER_ROW, adapter_set, assert_close_to_reference, assert_visible_effect,
     load_into_slots, make_layer, reference_rows,
@@ -55,6 +59,9 @@ def check_every_layout() -> None:
                         base_ref = reference_rows(layer, [None] * len(row_ids), x)
                         assert_visible_effect(ref, base_ref, row_ids, torch.float32)
                         print(f"{layer_type} {kinds} rank {rank:2d} {name}: ok", flush=True)
+        for arch in TINY_MODELS:  # every kind in one batch; a FLoRA adapter on some layers only (the identity
+            parity.test_model_mixed_batch_matches_merged_models(arch)  # in the others): as the merged models'
+            print(f"model {arch}: ok", flush=True)
 
 
 def test_fused_flora_kernel_matches_the_reference_in_the_interpreter():
@@ -64,7 +71,8 @@ def test_fused_flora_kernel_matches_the_reference_in_the_interpreter():
     done = subprocess.run([sys.executable, "-m", "tests.test_triton_flora"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"interpreted kernel failed:\n{done.stdout}\n{done.stderr[-4000:]}"
-    assert done.stdout.count(": ok") == len(LAYER_TYPES) * len(KINDS) * len(RANKS) * len(LAYOUTS), done.stdout
+    layer_checks = len(LAYER_TYPES) * len(KINDS) * len(RANKS) * len(LAYOUTS)
+    assert done.stdout.count(": ok") == layer_checks + len(TINY_MODELS), done.stdout
 
 
 def test_the_rule_keeps_the_differentiable_gemm():
