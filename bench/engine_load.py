@@ -18,7 +18,6 @@ model is bound by kernel launches, and a 7B one by reading its weights, as in se
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -168,9 +167,8 @@ def run_model(model_name: str, adapters: int, rank: int, concurrency: int, durat
                                             max_adapters_per_step=limit))
         try:
             workload = Workload(label, tuple(drawn_from))
-            with strategy_switch() if flora_matmul else contextlib.nullcontext() as switch:
-                if switch is not None:
-                    switch.name = flora_matmul
+            with strategy_switch() as switch:  # None: the rules choose, as in serving
+                switch.name = flora_matmul
                 return engine_closed_loop(engine, workload, concurrency, seconds, seed + k, encode)
         finally:
             engine.close()

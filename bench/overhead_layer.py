@@ -35,6 +35,7 @@ from flora_core.multi_adapter_linear import MultiAdapterLinear, SlotCapacity
 
 LORA_IMPLS = ("ours", "grouped", "bmm", "paper_bmm", "peft", "loop")
 FLORA_IMPLS = ("ours", "loop")
+FORCED_IMPLS = ("grouped", "bmm", "bgmv", "fused")  # our layer with the strategy switch set to that name
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class LayerBench:
         batch = AdapterBatch.from_rows(row_slots, case.tokens_per_row, self.device)
         calls = {"base": (lambda: self.base(flat), None)}
         for impl in case.impls:
-            if impl in ("ours", "grouped", "bmm", "bgmv", "fused"):
+            if impl == "ours" or impl in FORCED_IMPLS:
                 calls[impl] = (lambda: self._layer_step(flat, batch), None if impl == "ours" else impl)
             elif impl == "paper_bmm":
                 slots = torch.tensor([s.slot for s in row_slots], device=self.device)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from bench.overhead_layer import OverheadCase, StrategySwitch, strategy_switch
+from bench.overhead_layer import FORCED_IMPLS, OverheadCase, StrategySwitch, strategy_switch
 from bench.timing import Timer
 from flora_core.adapter_weights import AdapterKind, AdapterWeights, FloraModule, LoraModule
 from flora_core.cache_argument import cache_kwargs
@@ -137,10 +137,10 @@ class ModelBench:
                 self.swap.wrapped()
 
     def _impl_call(self, impl, case, ids, row_names, row_slots, switch: StrategySwitch):
-        if impl in ("ours", "grouped", "bmm", "bgmv", "fused", "ours_no_adapter"):
+        if impl in ("ours", "ours_no_adapter") or impl in FORCED_IMPLS:
             slots = [None] * case.batch if impl == "ours_no_adapter" else row_slots
             fn, before = self._call(case, ids, self._ours_forward(slots, case.tokens_per_row))
-            return switch.calling(impl if impl in ("grouped", "bmm", "bgmv", "fused") else None, fn), before
+            return switch.calling(impl if impl in FORCED_IMPLS else None, fn), before
         if impl == "peft":
             peft_model = self._peft_model(case)
             return self._call(case, ids, lambda kw: peft_model(**kw, adapter_names=row_names), wrapped=False)
