@@ -28,4 +28,3 @@ def test_the_cache_given_is_the_cache_filled_and_read(arch):
         whole = model(input_ids=ids, use_cache=False).logits[:, -1]
     assert cache.get_seq_length() == 7
     torch.testing.assert_close(stepped, whole, rtol=1e-4, atol=1e-5)  # the step read the first six from it
-

@@ -10,10 +10,7 @@ fp32 and bf16 on a GPU.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -27,8 +24,8 @@ from tests.test_batched_parity import (
     CAPACITY, D_IN, LAYOUTS, TOKENS_PER_ROW, adapter_set, assert_close_to_reference, assert_visible_effect,
     load_into_slots, make_layer, reference_rows,
 )
+from tests.triton_interpreter import run_under_interpreter
 
-ROOT = Path(__file__).resolve().parents[1]
 LAYER_TYPES = ("linear", "conv1d")  # Conv1D's W0 is a transposed view: the kernel reads it by its strides
 KINDS = ("flora", "mixed")  # mixed: FLoRA tokens are a subset of the batch, beside LoRA and IA3 rows
 RANKS = (1, 3, 8, 64)  # adapter_set mixes ranks r, r // 2 and 1 in one batch: rank groups of 1 to 3
@@ -66,13 +63,9 @@ def check_every_layout() -> None:
 
 def test_fused_flora_kernel_matches_the_reference_in_the_interpreter():
     pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch do not bring it)")
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    done = subprocess.run([sys.executable, "-m", "tests.test_triton_flora"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"interpreted kernel failed:\n{done.stdout}\n{done.stderr[-4000:]}"
+    stdout = run_under_interpreter("tests.test_triton_flora")
     layer_checks = len(LAYER_TYPES) * len(KINDS) * len(RANKS) * len(LAYOUTS)
-    assert done.stdout.count(": ok") == layer_checks + len(TINY_MODELS), done.stdout
+    assert stdout.count(": ok") == layer_checks + len(TINY_MODELS), stdout
 
 
 def test_the_rule_keeps_the_differentiable_gemm():

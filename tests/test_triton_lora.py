@@ -9,10 +9,7 @@ layout and dtype.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -24,8 +21,7 @@ from tests.test_batched_parity import (
     CAPACITY, D_IN, LAYOUTS, TOKENS_PER_ROW, adapter_set, assert_close_to_reference, assert_visible_effect,
     load_into_slots, make_layer, reference_rows, run_packed,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.triton_interpreter import run_under_interpreter
 
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -62,12 +58,8 @@ def check_every_layout() -> None:
 
 def test_bgmv_kernels_match_the_reference_in_the_interpreter():
     pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch do not bring it)")
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    done = subprocess.run([sys.executable, "-m", "tests.test_triton_lora"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"interpreted kernels failed:\n{done.stdout}\n{done.stderr[-4000:]}"
-    assert done.stdout.count(": ok") == len(DTYPES) * len(RANKS) * (len(LAYOUTS) + 1), done.stdout
+    stdout = run_under_interpreter("tests.test_triton_lora")
+    assert stdout.count(": ok") == len(DTYPES) * len(RANKS) * (len(LAYOUTS) + 1), stdout
 
 
 def test_no_bgmv_strategy_without_triton():
