@@ -7,14 +7,16 @@ takes a tile of (token, rank index) pairs, the paper's [tokens*r, d_in] reshape,
 tokens by their slot's flora_in rows as it loads them, multiplies by W0 once, then scales by
 flora_out and sums over the rank in registers. It runs on CUDA, or on the CPU under Triton's
 interpreter (TRITON_INTERPRET=1 set before this module is imported), which is how the tests
-check it where no GPU is. The layer plan does not pick it yet: its tile sizes are a first guess,
-and its speed against flora_matmul is to be measured on a GPU (`bench.adapter_overhead --device
-cuda` times it as `fused` beside ours).
+check it where no GPU is. The layer plan does not pick it yet: its tiling (`tile_sizes`) is a
+first guess, and its speed against flora_matmul is to be measured on a GPU (`bench.adapter_overhead
+--device cuda` times it as `fused` beside ours; `bench.flora_tiles` searches its tilings, split K
+included, per shape).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -22,8 +24,26 @@ import triton.language as tl
 
 from flora_core.adapter_batch import SlotRows
 
-BLOCK_K = 64  # input features per step of the GEMM loop
 MAX_ROWS_PER_TILE = 64  # (token, rank index) pairs per program
+
+
+@dataclass(frozen=True)
+class FusedTiles:
+    """One launch's tiling: a program's (token, rank index) pairs and output columns, its K loop, its warps.
+
+    split_k > 1 splits the input features among that many programs per tile, which add their
+    partial sums into an fp32 output (atomics, so the order of that sum varies from run to run):
+    a decode batch is one token tile, and splitting K gives the SMs programs without narrowing
+    the column blocks, each of which re-reads the tokens' x and flora_in tiles.
+    """
+
+    block_t: int  # tokens per program
+    block_r: int  # rank indices per token: a power of two >= rank
+    block_n: int  # output columns per program
+    block_k: int = 64  # input features per step of the K loop
+    split_k: int = 1  # programs sharing one tile's K loop
+    num_warps: int = 4
+    num_stages: int = 3  # Triton's default on CUDA
 
 
 @triton.jit
@@ -31,11 +51,13 @@ def _flora_gemm(x_ptr, w_ptr, fin_ptr, fout_ptr, token_ptr, slot_ptr, out_ptr, n
                 stride_x, stride_w_out, stride_w_in, stride_fin_slot, stride_fin_rank,
                 stride_fout_slot, stride_fout_rank, stride_out,
                 D_IN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, IEEE_FP32: tl.constexpr):
+                BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, IEEE_FP32: tl.constexpr):
     """out[i, cols] = sum_j fout[s_i, j, cols] * ((fin[s_i, j] * x[t_i]) @ W0[cols].T), for BLOCK_T tokens.
 
     The tile's rows are the BLOCK_T * BLOCK_R pairs (token i, rank index j), j fastest; j >= rank is
-    masked to zero, so a tile holds BLOCK_T tokens whatever the rank.
+    masked to zero, so a tile holds BLOCK_T tokens whatever the rank. Program (tile, column block,
+    split) sums input features [split * K_PER_SPLIT, (split + 1) * K_PER_SPLIT); with SPLIT_K > 1 it
+    adds its share into out (fp32) atomically, else it stores.
     """
     pair = tl.arange(0, BLOCK_T * BLOCK_R)
     i = tl.program_id(0) * BLOCK_T + pair // BLOCK_R  # [P] token of each pair
@@ -45,9 +67,10 @@ def _flora_gemm(x_ptr, w_ptr, fin_ptr, fout_ptr, token_ptr, slot_ptr, out_ptr, n
     slot = tl.load(slot_ptr + i, mask=i < n, other=0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < d_out
+    k_first = tl.program_id(2) * K_PER_SPLIT
     acc = tl.zeros((BLOCK_T * BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for start in range(0, D_IN, BLOCK_K):
-        k = start + tl.arange(0, BLOCK_K)
+    for start in range(0, K_PER_SPLIT, BLOCK_K):
+        k = k_first + start + tl.arange(0, BLOCK_K)
         k_ok = k < D_IN
         load_ok = pair_ok[:, None] & k_ok[None, :]
         x = tl.load(x_ptr + token[:, None] * stride_x + k[None, :], mask=load_ok, other=0.0)
@@ -64,8 +87,12 @@ def _flora_gemm(x_ptr, w_ptr, fin_ptr, fout_ptr, token_ptr, slot_ptr, out_ptr, n
                         mask=pair_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     out = tl.sum(tl.reshape(acc * out_scale, (BLOCK_T, BLOCK_R, BLOCK_N)), axis=1)  # [BLOCK_T, BLOCK_N]
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(rows[:, None] < n) & col_ok[None, :])
+    out_at = out_ptr + rows[:, None] * stride_out + cols[None, :]
+    out_ok = (rows[:, None] < n) & col_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        tl.atomic_add(out_at, out, mask=out_ok)
 
 
 def flora_matmul_fused(
@@ -75,32 +102,40 @@ def flora_matmul_fused(
     flora_out: torch.Tensor,
     rows: SlotRows,
     rank: int,
+    tiles: FusedTiles | None = None,
 ) -> torch.Tensor:
     """y[i] = sum_j flora_out[s_i, j] * ((flora_in[s_i, j] * x[t_i]) @ weight.T), accumulated in fp32.
 
     x: [T, d_in]; weight: [d_out, d_in] (any strides); flora_in: [S, R, d_in]; flora_out: [S, R, d_out]
-    (the rank-mean 1/r folded in); rows: n tokens (t_i) with slots (s_i); rank: r <= R. Returns
-    [n, d_out] in x's dtype; the bias is the caller's. Not differentiable: serving only.
+    (the rank-mean 1/r folded in); rows: n tokens (t_i) with slots (s_i); rank: r <= R; tiles: the
+    launch's tiling, `tile_sizes`'s by default (bench.flora_tiles tries others). Returns [n, d_out]
+    in x's dtype; the bias is the caller's. Not differentiable: serving only.
     """
     n, d_in, d_out = rows.num_tokens, x.shape[1], weight.shape[0]
-    out = x.new_empty(n, d_out)
+    tiles = tiles or tile_sizes(n, rank, d_out, _multiprocessors(x.device))
+    if tiles.block_r < rank or tiles.block_t * tiles.block_r < 16:
+        raise ValueError(f"tiles {tiles} do not fit rank {rank}: block_r must be >= the rank and "
+                         "block_t * block_r >= 16 (tl.dot's least)")
+    split = tiles.split_k > 1
+    out = x.new_zeros(n, d_out, dtype=torch.float32) if split else x.new_empty(n, d_out)
     if n == 0:
-        return out
+        return out.to(x.dtype)
     x = x if x.stride(1) == 1 else x.contiguous()
     flora_in = flora_in if flora_in.stride(2) == 1 else flora_in.contiguous()
     flora_out = flora_out if flora_out.stride(2) == 1 else flora_out.contiguous()
-    block_t, block_r, block_n = tile_sizes(n, rank, d_out, _multiprocessors(x.device))
-    grid = (triton.cdiv(n, block_t), triton.cdiv(d_out, block_n))
+    k_per_split = triton.cdiv(triton.cdiv(d_in, tiles.split_k), tiles.block_k) * tiles.block_k
+    grid = (triton.cdiv(n, tiles.block_t), triton.cdiv(d_out, tiles.block_n), triton.cdiv(d_in, k_per_split))
     _flora_gemm[grid](x, weight, flora_in, flora_out, rows.token_index, rows.slots, out, n, d_out, rank,
                       x.stride(0), weight.stride(0), weight.stride(1), flora_in.stride(0), flora_in.stride(1),
                       flora_out.stride(0), flora_out.stride(1), out.stride(0),
-                      D_IN=d_in, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
-                      IEEE_FP32=x.dtype == torch.float32)
-    return out
+                      D_IN=d_in, BLOCK_T=tiles.block_t, BLOCK_R=tiles.block_r, BLOCK_N=tiles.block_n,
+                      BLOCK_K=tiles.block_k, K_PER_SPLIT=k_per_split, SPLIT_K=tiles.split_k,
+                      IEEE_FP32=x.dtype == torch.float32, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return out.to(x.dtype) if split else out
 
 
-def tile_sizes(n: int, rank: int, d_out: int, multiprocessors: int) -> tuple[int, int, int]:
-    """(BLOCK_T tokens, BLOCK_R rank indices, BLOCK_N output columns) per program, for n tokens at `rank`.
+def tile_sizes(n: int, rank: int, d_out: int, multiprocessors: int) -> FusedTiles:
+    """The tiling for n tokens at `rank`: a first guess, until bench.flora_tiles has measured a GPU.
 
     A tile holds up to MAX_ROWS_PER_TILE (token, rank index) pairs and at least 16 (tl.dot's documented least).
     BLOCK_N is the widest of 128/64/32 that still gives every SM a program: a decode batch is one
@@ -112,8 +147,8 @@ def tile_sizes(n: int, rank: int, d_out: int, multiprocessors: int) -> tuple[int
     token_tiles = triton.cdiv(n, block_t)
     for block_n in (128, 64):
         if token_tiles * triton.cdiv(d_out, block_n) >= multiprocessors:
-            return block_t, block_r, block_n
-    return block_t, block_r, 32
+            return FusedTiles(block_t, block_r, block_n)
+    return FusedTiles(block_t, block_r, 32)
 
 
 @functools.cache

@@ -4,7 +4,7 @@ CI has no GPU: these run where one is lent, `bash scripts/test.sh tests/test_cud
 The layers, adapters and references are test_batched_parity's; only the device differs, and
 every LoRA strategy (the Triton `bgmv` too, where Triton is installed) is forced as well as left
 to the CUDA rule of `pick_lora_strategy`, and so is every FLoRA implementation (the fused Triton
-kernel too).
+kernel too, under its launcher's tiling and under those that split K).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tests.test_batched_parity import (
     CAPACITY, D_IN, D_OUT, LAYOUTS, TOKENS_PER_ROW, adapter_set, assert_close_to_reference, assert_visible_effect,
     load_into_slots, make_layer, reference_rows,
 )
+from tests.test_triton_flora import OTHER_TILINGS, forced_tiles
 
 DEVICE = "cuda"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
@@ -52,6 +53,17 @@ def test_layer_on_cuda_matches_reference(monkeypatch, strategy, dtype, kinds, ra
 def test_flora_on_cuda_matches_reference(monkeypatch, matmul, dtype, layer_type, kinds, rank, layout):
     monkeypatch.setattr(layer_plan, "pick_flora_matmul", lambda rows, r: matmul)
     check_layer_on_cuda(layer_type, dtype, kinds, rank, layout)
+
+
+@pytest.mark.skipif("fused" not in gpu_flora_matmuls(), reason="the fused FLoRA kernel needs Triton")
+@pytest.mark.parametrize("tiling", list(OTHER_TILINGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fused_flora_tilings_on_cuda_match_reference(monkeypatch, tiling, dtype, layout):
+    """The fused kernel under bench.flora_tiles' other tilings: token tiles, column blocks, split K's atomic adds."""
+    monkeypatch.setattr(layer_plan, "pick_flora_matmul", lambda rows, r: "fused")
+    monkeypatch.setattr("flora_core.triton_flora.tile_sizes", forced_tiles(tiling))
+    check_layer_on_cuda("linear", dtype, "mixed", 4, layout)
 
 
 def check_layer_on_cuda(layer_type: str, dtype: torch.dtype, kinds: str, rank: int, layout: str) -> None:

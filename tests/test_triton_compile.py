@@ -22,12 +22,13 @@ H100_MULTIPROCESSORS = 132
 DTYPES = ("bf16", "fp32")
 
 
-def compile_for_hopper(kernel, pointers: dict[str, str], scalars: dict[str, str], constexprs: dict[str, object]):
+def compile_for_hopper(kernel, pointers: dict[str, str], scalars: dict[str, str], constexprs: dict[str, object],
+                       options: dict[str, int] | None = None):
     """kernel's cubin for sm_90; pointers/scalars: argument name -> Triton type, in the kernel's order."""
     signature = {**pointers, **scalars, **{name: "constexpr" for name in constexprs}}
     assert list(signature) == kernel.arg_names, f"arguments {list(signature)} are not {kernel.arg_names}"
     by_index = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
-    compiled = triton.compile(ASTSource(kernel, signature, by_index), target=HOPPER)
+    compiled = triton.compile(ASTSource(kernel, signature, by_index), target=HOPPER, options=options)
     assert compiled.asm.get("cubin"), "no cubin came out"
     return compiled
 
@@ -41,16 +42,37 @@ def flora_cases() -> list[tuple[str, int, int, int]]:
 
 @pytest.mark.parametrize(("dtype", "tokens", "rank", "d_out"), flora_cases())
 def test_fused_flora_kernel_compiles_for_hopper(dtype, tokens, rank, d_out):
-    block_t, block_r, block_n = triton_flora.tile_sizes(tokens, rank, d_out, H100_MULTIPROCESSORS)
-    assert block_t * block_r >= 16 and block_n >= 16, "tiles below tl.dot's documented least of 16"
+    tiles = triton_flora.tile_sizes(tokens, rank, d_out, H100_MULTIPROCESSORS)
+    assert tiles.block_t * tiles.block_r >= 16 and tiles.block_n >= 16, "tiles below tl.dot's documented least of 16"
+    compile_fused_flora(dtype, tiles, d_in=4096)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tiles", [
+    triton_flora.FusedTiles(64, 1, 128, split_k=4),  # decode, B=64 at rank 1: 32 column blocks x 4 splits
+    triton_flora.FusedTiles(16, 4, 256, block_k=32, split_k=8, num_warps=8, num_stages=4),
+    triton_flora.FusedTiles(64, 1, 64, block_k=128, num_warps=8, num_stages=2),
+], ids=["split4", "split8-wide", "k128-8warps"])
+def test_fused_flora_kernel_compiles_for_hopper_with_other_tilings(dtype, tiles):
+    """The tilings bench.flora_tiles tries reach the compiler too: split K's atomic adds, other warps and stages."""
+    compile_fused_flora(dtype, tiles, d_in=11008)
+
+
+def compile_fused_flora(dtype: str, tiles: triton_flora.FusedTiles, d_in: int):
+    """_flora_gemm's cubin for `tiles`, as flora_matmul_fused launches it (split K adds into an fp32 output)."""
     pointers = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "fin_ptr": f"*{dtype}", "fout_ptr": f"*{dtype}",
-                "token_ptr": "*i64", "slot_ptr": "*i64", "out_ptr": f"*{dtype}"}
+                "token_ptr": "*i64", "slot_ptr": "*i64", "out_ptr": "*fp32" if tiles.split_k > 1 else f"*{dtype}"}
     strides = ("stride_x", "stride_w_out", "stride_w_in", "stride_fin_slot", "stride_fin_rank", "stride_fout_slot",
                "stride_fout_rank", "stride_out")
     scalars = {"n": "i32", "d_out": "i32", "rank": "i32", **{name: "i64" for name in strides}}
-    compile_for_hopper(triton_flora._flora_gemm, pointers, scalars,
-                       {"D_IN": 4096, "BLOCK_T": block_t, "BLOCK_R": block_r, "BLOCK_N": block_n,
-                        "BLOCK_K": triton_flora.BLOCK_K, "IEEE_FP32": dtype == "fp32"})
+    k_per_split = triton.cdiv(triton.cdiv(d_in, tiles.split_k), tiles.block_k) * tiles.block_k
+    constexprs = {"D_IN": d_in, "BLOCK_T": tiles.block_t, "BLOCK_R": tiles.block_r, "BLOCK_N": tiles.block_n,
+                  "BLOCK_K": tiles.block_k, "K_PER_SPLIT": k_per_split, "SPLIT_K": tiles.split_k,
+                  "IEEE_FP32": dtype == "fp32"}
+    compiled = compile_for_hopper(triton_flora._flora_gemm, pointers, scalars, constexprs,
+                                  {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
+    assert (compiled.metadata.num_warps, compiled.metadata.num_stages) == (tiles.num_warps, tiles.num_stages)
+    assert ("atom" in compiled.asm["ptx"]) == (tiles.split_k > 1), "split K adds atomically, and only split K"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
