@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What a lent GPU is for, as five commands meant to fit the device tool's 10 minutes each, in the
+# What a lent GPU is for, as six commands meant to fit the device tool's 10 minutes each, in the
 # order to run them (a session has 30 minutes of device time, so the most wanted come first):
 #
 #   bash bench/gpu_session.sh check      # CUDA parity (layers, models, engine), the CUDA-graph timer, then
@@ -8,6 +8,8 @@
 #   bash bench/gpu_session.sh engine     # the engine alone on Llama-2-7B's shapes: base, 100 adapters
 #                                        # (LoRA, one per step, DoRA, FLoRA r1 as it runs and fused), with a
 #                                        # profile of one step
+#   bash bench/gpu_session.sh tiles      # the fused FLoRA kernel's tilings searched per shape (split K too),
+#                                        # against the base layer and flora_matmul: what tile_sizes is set from
 #   bash bench/gpu_session.sh graphs     # the grid's layers, timing CUDA graph replays: the kernels alone
 #   bash bench/gpu_session.sh layers     # the same layers timed eagerly
 #
@@ -17,7 +19,7 @@
 # the benchmarks' JSON, Markdown and PNG. Copy them into bench/results and the README by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: bash bench/gpu_session.sh check|models|engine|graphs|layers}"
+step="${1:?usage: bash bench/gpu_session.sh check|models|engine|tiles|graphs|layers}"
 out="${OUT:-bench/results/gpu}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
@@ -46,12 +48,15 @@ case "$step" in
         "$python" -m bench.engine_load --device cuda --model llama-7b --dora --flora --duration 10 \
             --profile 3 --out-dir "$out" 2>&1 | tee "$out/engine.log"
         ;;
+    tiles)
+        "$python" -m bench.flora_tiles --device cuda --out-dir "$out" 2>&1 | tee "$out/tiles.log"
+        ;;
     graphs)
         "$python" -m bench.adapter_overhead --device cuda --level layer --cuda-graphs --out-dir "$out" 2>&1 \
             | tee "$out/graphs.log"
         ;;
     *)
-        echo "unknown step '$step': use check, models, engine, graphs or layers" >&2
+        echo "unknown step '$step': use check, models, engine, tiles, graphs or layers" >&2
         exit 2
         ;;
 esac

@@ -14,11 +14,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_under_interpreter(module: str) -> str:
-    """`python -m module` (e.g. "tests.test_triton_lora") with TRITON_INTERPRET=1; its stdout, once it exits 0."""
+def run_under_interpreter(module: str, *args: str) -> str:
+    """`python -m module args` (e.g. "tests.test_triton_lora") with TRITON_INTERPRET=1; its stdout, once it exits 0."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    done = subprocess.run([sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, f"interpreted kernels failed:\n{done.stdout}\n{done.stderr[-4000:]}"
     return done.stdout
