@@ -103,42 +103,46 @@ def candidates(tiles, knob: str, values: tuple[int, ...], tokens: int, d_in: int
 
 def search(shape: Shape, knobs: Knobs, device: torch.device, dtype: torch.dtype, rounds: int) -> dict:
     """The shape's base, gemm and rule timings, then the best tiling found one knob at a time."""
-    from flora_core.triton_flora import flora_matmul_fused, tile_sizes  # noqa: PLC0415
+    from flora_core.triton_flora import flora_matmul_fused, multiprocessor_count, tile_sizes  # noqa: PLC0415
 
     x, weight, flora_in, flora_out, rows = inputs(shape, device, dtype)
-    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
     timer = Timer(device, rounds=rounds, min_rounds=rounds, warmup=1)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    tried: dict = {}  # FusedTiles -> {"ms": ...} or {"error": ...}
     with torch.no_grad():
         expected = flora_matmul(x, weight, flora_in, flora_out, rows, shape.rank).float()
-        base_ms = timer.compare({"base": (lambda: F.linear(x, weight), None),
-                                 "gemm": (lambda: flora_matmul(x, weight, flora_in, flora_out, rows, shape.rank),
-                                          None)})
-        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        rule = tile_sizes(rows.num_tokens, shape.rank, shape.d_out, multiprocessors)
-        tried: dict = {}  # FusedTiles -> {"ms": ...} or {"error": ...}
+        reference_ms = timer.compare({
+            "base": (lambda: F.linear(x, weight), None),
+            "gemm": (lambda: flora_matmul(x, weight, flora_in, flora_out, rows, shape.rank), None)})
 
-        def measure(tiles) -> float:
+        def ms(tiles) -> float:
             if tiles not in tried:
-                call = lambda: flora_matmul_fused(x, weight, flora_in, flora_out, rows, shape.rank, tiles)  # noqa: E731
-                try:
-                    error = (call().float() - expected).abs().max().item() / expected.abs().max().item()
-                except Exception as failure:  # noqa: BLE001 - e.g. triton's OutOfResources: named, not chosen
-                    tried[tiles] = {"error": f"{type(failure).__name__}: {str(failure)[:200]}"}
-                else:
-                    tried[tiles] = ({"error": f"WRONG: max error {error:.3g} of the output's largest value"}
-                                    if error > tolerance else {"ms": timer.compare({"fused": (call, None)})["fused"]})
+                tried[tiles] = outcome(lambda: flora_matmul_fused(x, weight, flora_in, flora_out, rows, shape.rank,
+                                                                  tiles), expected, tolerance, timer)
             return tried[tiles].get("ms", float("inf"))
 
-        best = rule
-        for knob in ("block_n", "split_k", "block_k", "pairs", "num_warps", "num_stages"):
-            best = min(candidates(best, knob, getattr(knobs, knob), rows.num_tokens, shape.d_in), key=measure)
+        rule = best = tile_sizes(rows.num_tokens, shape.rank, shape.d_out, multiprocessor_count(device))
+        for knob in dataclasses.fields(knobs):
+            best = min(candidates(best, knob.name, getattr(knobs, knob.name), rows.num_tokens, shape.d_in), key=ms)
     return {
         "shape": dataclasses.asdict(shape), "name": shape.name, "tokens": rows.num_tokens,
-        "base_ms": base_ms["base"], "gemm_ms": base_ms["gemm"],
+        "base_ms": reference_ms["base"], "gemm_ms": reference_ms["gemm"],
         "rule": dataclasses.asdict(rule), "rule_ms": tried[rule].get("ms"),
         "best": dataclasses.asdict(best), "best_ms": tried[best].get("ms"),
-        "tried": [{**dataclasses.asdict(t), **outcome} for t, outcome in tried.items()],
+        "tried": [{**dataclasses.asdict(t), **result} for t, result in tried.items()],
     }
+
+
+def outcome(call, expected: torch.Tensor, tolerance: float, timer: Timer) -> dict:
+    """{"ms": median} for a call whose output is within `tolerance` (of its largest value) of `expected`,
+    else {"error": what went wrong}."""
+    try:
+        error = (call().float() - expected).abs().max().item() / expected.abs().max().item()
+    except Exception as failure:  # noqa: BLE001 - e.g. Triton's OutOfResources: named, never chosen
+        return {"error": f"{type(failure).__name__}: {str(failure)[:200]}"}
+    if error > tolerance:
+        return {"error": f"WRONG: max error {error:.3g} of the output's largest value"}
+    return {"ms": timer.compare({"fused": (call, None)})["fused"]}
 
 
 def write_report(result: dict, out_dir: Path) -> None:

@@ -112,7 +112,7 @@ def flora_matmul_fused(
     in x's dtype; the bias is the caller's. Not differentiable: serving only.
     """
     n, d_in, d_out = rows.num_tokens, x.shape[1], weight.shape[0]
-    tiles = tiles or tile_sizes(n, rank, d_out, _multiprocessors(x.device))
+    tiles = tiles or tile_sizes(n, rank, d_out, multiprocessor_count(x.device))
     if tiles.block_r < rank or tiles.block_t * tiles.block_r < 16:
         raise ValueError(f"tiles {tiles} do not fit rank {rank}: block_r must be >= the rank and "
                          "block_t * block_r >= 16 (tl.dot's least)")
@@ -152,7 +152,8 @@ def tile_sizes(n: int, rank: int, d_out: int, multiprocessors: int) -> FusedTile
 
 
 @functools.cache
-def _multiprocessors(device: torch.device) -> int:
+def multiprocessor_count(device: torch.device) -> int:
+    """The device's SMs, which tile_sizes gives a program each; 1 off CUDA."""
     if device.type != "cuda":
         return 1  # the interpreter: any block is as good
     return torch.cuda.get_device_properties(device).multi_processor_count
