@@ -19,8 +19,9 @@ else
 fi
 .venv/bin/python -m pip install --quiet "torch==$TORCH_VERSION"
 if ! $HAS_GPU; then
-  # A CUDA build of torch brings its own Triton; here it only runs the Triton LoRA kernels under
-  # its interpreter in tests/test_triton_lora.py. Skipped (the test skips too) where no wheel fits.
+  # A CUDA build of torch brings its own Triton; here it runs our Triton kernels under its
+  # interpreter and compiles them for sm_90 (tests/test_triton_*.py, test_bench_flora_tiles.py).
+  # Skipped (those tests skip too) where no wheel fits. Triton 3.9.0 passes them as well.
   echo "setup: installing triton==$TRITON_VERSION for the kernel tests (Triton's CPU interpreter)"
   .venv/bin/python -m pip install --quiet "triton==$TRITON_VERSION" || echo "setup: no triton wheel here; its tests will skip"
 fi
