@@ -21,13 +21,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from bench import overhead_layer as ol
 from bench import overhead_model as om
 from bench.overhead_report import write_markdown, write_plots
-from bench.result_files import write_results
+from bench.result_files import write_results, write_results_so_far
 from bench.timing import Timer, add_device_arguments, device_and_dtype, load_average, machine_info
 from flora_core.adapter_weights import AdapterKind
 from flora_core.batched_ops import gpu_flora_matmuls, gpu_lora_strategies
@@ -206,7 +207,10 @@ def with_gpu_strategies(cases: list, device: torch.device) -> list:
             for c in cases]
 
 
-def run(grid: Grid, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = False) -> list[dict]:
+def run(grid: Grid, device: torch.device, dtype: torch.dtype, cuda_graphs: bool = False,
+        checkpoint: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """Every case of the grid, a row per implementation; `checkpoint` gets the rows so far after each layer
+    shape and each model."""
     graphs = {"cuda_graphs": cuda_graphs, "never_capture": frozenset({"peft"})}  # PEFT indexes rows with lists
     timer = Timer(device, **grid.timer, **graphs)
     headline_timer = Timer(device, **(grid.timer | grid.headline_timer), **graphs)
@@ -221,6 +225,7 @@ def run(grid: Grid, device: torch.device, dtype: torch.dtype, cuda_graphs: bool 
                 rows += report(rows_of("layer", shape, case, *measured(bench, case, timer)))
             del bench
             gc.collect()
+        checkpoint(rows)
     for model in grid.models:
         base = om.build_base(model, device, dtype)
         for pool_rank, cases in by_pool_rank(with_gpu_strategies(model_cases(grid, model), device)).items():
@@ -234,6 +239,7 @@ def run(grid: Grid, device: torch.device, dtype: torch.dtype, cuda_graphs: bool 
             del bench
             gc.collect()
         del base
+        checkpoint(rows)
     return rows
 
 
@@ -273,10 +279,16 @@ def main() -> None:
     command = " ".join(["python -m bench.adapter_overhead", *sys.argv[1:]])
     info = machine_info(device) | {"dtype": str(dtype).removeprefix("torch."), "cuda_graphs": args.cuda_graphs}
     started = time.perf_counter()
-    rows = run(grid, device, dtype, args.cuda_graphs)
-    info |= {"load_average_after": load_average(), "seconds": round(time.perf_counter() - started)}
-    result = {"machine": info, "command": command, "grid": asdict(grid), "ran": grid.describe(), "rows": rows}
-    write_results(result, args.out_dir, stem, write_markdown, write_plots)
+
+    def result_of(rows: list[dict], finished: bool) -> dict:
+        machine = info | {"load_average_after": load_average(), "seconds": round(time.perf_counter() - started)}
+        return {"machine": machine, "command": command, "grid": asdict(grid), "ran": grid.describe(), "rows": rows,
+                "finished": finished}
+
+    # JSON and Markdown after each layer shape and model: a run cut short (a GPU command's time limit) keeps them.
+    rows = run(grid, device, dtype, args.cuda_graphs,
+               checkpoint=lambda rows: write_results_so_far(result_of(rows, False), args.out_dir, stem, write_markdown))
+    write_results(result_of(rows, True), args.out_dir, stem, write_markdown, write_plots)
 
 
 if __name__ == "__main__":

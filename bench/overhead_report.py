@@ -126,7 +126,10 @@ def write_markdown(result: dict, path: Path) -> None:
              "`timed_eagerly` in the JSON names them)" if machine.get("cuda_graphs") else "")
              + f". Load average (1, 5, 15 min) before: {machine['load_average_1_5_15']}, "
              f"after: {machine['load_average_after']}. Ran {machine['seconds']} s.", "",
-             f"Command: `{result['command']}`", "", "What ran (everything else in the full grid of batch sizes "
+             f"Command: `{result['command']}`", "",
+             *([] if result.get("finished", True) else ["**Unfinished**: the rows of the layers and models done "
+                                                         "so far; the run was cut short or is still going.", ""]),
+             "What ran (everything else in the full grid of batch sizes "
              "1/8/32/64, D in 1/B/4/B, ranks 1-64, decode and prefill was skipped):", "", *result["ran"], ""]
     lines += _headline(result["rows"]) + _shape_tables(result["rows"]) + _rank_table(result["rows"])
     path.write_text("\n".join(lines))

@@ -1,13 +1,16 @@
 """The benchmarks' models, the engine benchmark's plan and the CUDA-graph timer, as a GPU session runs them.
 
 Where no GPU is, these check on the CPU what a GPU run relies on: `llama-7b` has Llama-2-7B's
-shapes, and the engine benchmark runs every point in every round in bfloat16 (random float32
+shapes; the engine benchmark runs every point in every round in bfloat16 (random float32
 adapters written into bfloat16 slots, as on a GPU) with each adapter kind's rows served, and
-profiles its LoRA point. On a GPU (`bench/gpu_session.sh check`), the timer replays what it can
-capture and names what it times eagerly.
+profiles its LoRA point; the adapter-overhead run hands over its rows after each layer shape and
+model, so that a GPU command cut short by its time limit keeps them. On a GPU (`bench/gpu_session.sh
+check`), the timer replays what it can capture and names what it times eagerly.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -82,3 +85,29 @@ def test_capture_guard_refuses_copies_from_host_memory_and_lets_device_work_and_
                                  lambda: device_tensor.index_select(0, torch.tensor([0, 2]))):
             with pytest.raises(RuntimeError, match="copies from host memory"):
                 copies_from_host()
+
+
+def test_adapter_overhead_hands_over_its_rows_after_each_layer_shape_and_model(tmp_path):
+    """A GPU command has a time limit: the run writes what it has after each layer shape and model."""
+    pytest.importorskip("matplotlib")  # the report's module draws the plots too
+    from bench.adapter_overhead import Grid, run  # noqa: PLC0415
+    from bench.overhead_report import write_markdown  # noqa: PLC0415
+    from bench.result_files import write_results_so_far  # noqa: PLC0415
+
+    grid = Grid(name="tiny", layer_shapes=("tiny-llama mlp 256x688",), layer_decode_batches=(1,), layer_prefill={},
+                rank_sweep=False, models=("flora-tiny-llama",), model_decode_batches={"flora-tiny-llama": (1,)},
+                model_prefill={"flora-tiny-llama": ()}, timer={"rounds": 1, "min_rounds": 1, "warmup": 0})
+    snapshots = []
+    rows = run(grid, torch.device("cpu"), torch.float32, checkpoint=lambda so_far: snapshots.append(list(so_far)))
+    assert len(snapshots) == 2 and snapshots[1] == rows
+    assert snapshots[0] == rows[:len(snapshots[0])] and {row["level"] for row in snapshots[0]} == {"layer"}
+    assert {row["level"] for row in rows[len(snapshots[0]):]} == {"model"}
+    machine = {"cpu": "test", "cpu_count": 2, "device": "cpu", "torch": torch.__version__, "torch_threads": 1,
+               "dtype": "float32", "load_average_1_5_15": None, "load_average_after": None, "seconds": 1}
+    unfinished = {"machine": machine, "command": "test", "grid": {"name": "tiny"}, "ran": grid.describe(),
+                  "rows": snapshots[0], "finished": False}
+    write_results_so_far(unfinished, tmp_path, "overhead", write_markdown)
+    assert json.loads((tmp_path / "overhead.json").read_text())["rows"] == snapshots[0]
+    assert "**Unfinished**" in (tmp_path / "overhead.md").read_text()
+    write_markdown({**unfinished, "rows": rows, "finished": True}, tmp_path / "finished.md")
+    assert "Unfinished" not in (tmp_path / "finished.md").read_text()
