@@ -163,8 +163,10 @@ def model_cases(grid: Grid, model: str) -> list[ol.OverheadCase]:
     return cases
 
 
-def rows_of(level: str, target: str, case, timings: dict[str, float], eager: tuple[str, ...] = ()) -> list[dict]:
-    """One row per implementation; eager: with CUDA graphs, the calls (base among them) timed eagerly."""
+def rows_of(level: str, target: str, case, timings: dict[str, float], eager: tuple[str, ...] = (),
+            floor: float | None = None) -> list[dict]:
+    """One row per implementation; eager: with CUDA graphs, the calls (base among them) timed eagerly;
+    floor: the case's bytes floor (bench.bytes_floor), decode only."""
     base = timings["base"]
     return [{"level": level, "target": target, "phase": case.phase, "batch": case.batch,
              "tokens_per_row": case.tokens_per_row, "distinct": case.distinct, "kind": case.kind.value,
@@ -172,6 +174,7 @@ def rows_of(level: str, target: str, case, timings: dict[str, float], eager: tup
              "impl": impl if case.kind is FLORA or case.pool_rank == case.rank else f"{impl}_slots_r{case.pool_rank}",
              "ms": round(ms, 4), "base_ms": round(base, 4), "ratio": round(ms / base, 4)}
             | ({"timed_eagerly": [name for name in eager if name in ("base", impl)]} if eager else {})
+            | ({"bytes_floor": round(floor, 4)} if floor else {})
             for impl, ms in timings.items() if impl != "base"]
 
 
@@ -222,7 +225,7 @@ def run(grid: Grid, device: torch.device, dtype: torch.dtype, cuda_graphs: bool 
             bench = ol.LayerBench(d_in, d_out, device, dtype, max_distinct=max(c.distinct for c in cases),
                                   max_lora_rank=pool_rank, max_flora_rank=max(flora_ranks))
             for case in cases:
-                rows += report(rows_of("layer", shape, case, *measured(bench, case, timer)))
+                rows += report(rows_of("layer", shape, case, *measured(bench, case, timer), bench.decode_floor(case)))
             del bench
             gc.collect()
         checkpoint(rows)
@@ -235,7 +238,8 @@ def run(grid: Grid, device: torch.device, dtype: torch.dtype, cuda_graphs: bool 
                                   with_peft=any("peft" in c.impls for c in cases))
             for case in cases:
                 case_timer = headline_timer if is_headline(case) else timer
-                rows += report(rows_of("model", model, case, *measured(bench, case, case_timer)))
+                rows += report(rows_of("model", model, case, *measured(bench, case, case_timer),
+                                       bench.decode_floor(case)))
             del bench
             gc.collect()
         del base
@@ -249,8 +253,8 @@ def report(rows: list[dict]) -> list[dict]:
           f"T={first['tokens_per_row']:<3d} D={first['distinct']:<3d} {first['kind']:5s} r={first['rank']:<2d} "
           f"R={first['pool_rank'] or '-'!s:2s} "
           f"base {first['base_ms']:9.3f} ms  " + "  ".join(f"{r['impl']} {r['ratio']:.2f}x" for r in rows)
-          + "".join(f"  ({r['impl']} eager: {', '.join(r['timed_eagerly'])})" for r in rows if r.get("timed_eagerly")),
-          flush=True)
+          + "".join(f"  ({r['impl']} eager: {', '.join(r['timed_eagerly'])})" for r in rows if r.get("timed_eagerly"))
+          + (f"  (bytes floor {first['bytes_floor']:.3f}x)" if "bytes_floor" in first else ""), flush=True)
     return rows
 
 

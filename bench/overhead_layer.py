@@ -26,6 +26,7 @@ from unittest import mock
 import torch
 from torch import nn
 
+from bench.bytes_floor import adapter_bytes, bytes_floor
 from bench.timing import Timer
 from flora_core import layer_plan
 from flora_core.adapter_batch import AdapterBatch, AdapterSlot
@@ -119,6 +120,14 @@ class LayerBench:
         self.layer = MultiAdapterLinear(self.base, capacity)
         self._written: dict[AdapterKind, int] = {}  # kind -> the rank its slots hold now
         self._peft: tuple[int, nn.Module] | None = None  # (rank, PEFT LoRA layer with max_distinct adapters)
+
+    def decode_floor(self, case: OverheadCase) -> float | None:
+        """The lowest ratio a decode case can have where it is bound by bytes (bench.bytes_floor); None at prefill."""
+        if case.phase != "decode":
+            return None
+        element = self.base.weight.element_size()
+        adapters = adapter_bytes({"layer": (self.d_in, self.d_out)}, case.rank, element) * case.distinct
+        return bytes_floor(self.d_in * self.d_out * element, adapters)
 
     def measure(self, case: OverheadCase, timer: Timer) -> dict[str, float]:
         """ms per implementation, plus "base"."""

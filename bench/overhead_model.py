@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from bench.bytes_floor import adapter_bytes, bytes_floor, decode_bytes
 from bench.overhead_layer import FORCED_IMPLS, OverheadCase, StrategySwitch, strategy_switch
 from bench.timing import Timer
 from flora_core.adapter_weights import AdapterKind, AdapterWeights, FloraModule, LoraModule
@@ -118,6 +119,14 @@ class ModelBench:
         self._peft: tuple[int, nn.Module] | None = None
         self._caches: dict[int, DynamicCache] = {}
         self.swap = LayerSwap(self.model)
+
+    def decode_floor(self, case: OverheadCase) -> float | None:
+        """The lowest ratio a decode case can have where it is bound by bytes (bench.bytes_floor); None at prefill."""
+        if case.phase != "decode":
+            return None
+        element = next(self.model.model.parameters()).element_size()
+        adapters = adapter_bytes(self.shapes, case.rank, element) * case.distinct
+        return bytes_floor(decode_bytes(self.model.model, case.batch, self.context), adapters)  # slots are buffers
 
     def measure(self, case: OverheadCase, timer: Timer) -> dict[str, float]:
         """ms per implementation, plus "base"."""

@@ -45,11 +45,15 @@ def _headline(rows: list[dict]) -> list[str]:
     fused = any(r["impl"] == "fused" for r in rows)
     lines = ["## Headline: model-level decode, B=32, every row with its own adapter (D=32)", "",
              "Ratios are forward time / the base model's on the same batch. Targets on the CPU: LoRA rank 16 "
-             "<= 1.15x, FLoRA rank 1 <= 1.05x, and at least 3x faster than PEFT's mixed batch.", "",
+             "<= 1.15x, FLoRA rank 1 <= 1.05x, and at least 3x faster than PEFT's mixed batch. The bytes floors "
+             "are the lowest ratios a step bound by the bytes it reads can have (base weights and KV cache, "
+             "plus each adapter's factors once; bench/bytes_floor.py): a GPU's decode step is bound so, a "
+             "CPU's at one thread is bound by arithmetic instead.", "",
              "| model | base ms | ours, LoRA r16 | ours, FLoRA r1 | " + ("fused Triton, FLoRA r1 | " if fused else "")
              + "PEFT mixed batch, LoRA r16 | PEFT / ours: time | PEFT / ours: added time | loop over adapters, "
-             "LoRA r16 | ours, no adapter rows | ours, LoRA r16 in rank-64 slots |",
-             "|---|" + "---:|" * (9 + fused)]
+             "LoRA r16 | ours, no adapter rows | ours, LoRA r16 in rank-64 slots | bytes floor: LoRA r16 | "
+             "bytes floor: FLoRA r1 |",
+             "|---|" + "---:|" * (11 + fused)]
     for target in sorted({r["target"] for r in rows if r["level"] == "model"}):
         lora = table.get(("model", target, "decode", 32, 1, 32, "lora", 16), {})
         flora = table.get(("model", target, "decode", 32, 1, 32, "flora", 1), {})
@@ -64,8 +68,13 @@ def _headline(rows: list[dict]) -> list[str]:
                      + (f"{_verdict(flora.get('fused'), 'flora')} | " if fused else "")
                      + f"{_cell(peft)} | {speedup} | {added} | "
                      f"{_cell(lora.get('loop'))} | {_cell(lora.get('ours_no_adapter'))} | "
-                     f"{_cell(next((v for k, v in lora.items() if k.startswith('ours_slots_r')), None))} |")
+                     f"{_cell(next((v for k, v in lora.items() if k.startswith('ours_slots_r')), None))} | "
+                     f"{_floor(ours)} | {_floor(flora.get('ours'))} |")
     return lines + [""]
+
+
+def _floor(row: dict | None) -> str:
+    return f"{row['bytes_floor']:.3f}" if row and "bytes_floor" in row else ""
 
 
 def _verdict(row: dict | None, kind: str) -> str:

@@ -102,6 +102,7 @@ def test_adapter_overhead_hands_over_its_rows_after_each_layer_shape_and_model(t
     assert len(snapshots) == 2 and snapshots[1] == rows
     assert snapshots[0] == rows[:len(snapshots[0])] and {row["level"] for row in snapshots[0]} == {"layer"}
     assert {row["level"] for row in rows[len(snapshots[0]):]} == {"model"}
+    assert all(row["bytes_floor"] > 1 for row in rows), rows  # every case here is a decode case
     machine = {"cpu": "test", "cpu_count": 2, "device": "cpu", "torch": torch.__version__, "torch_threads": 1,
                "dtype": "float32", "load_average_1_5_15": None, "load_average_after": None, "seconds": 1}
     unfinished = {"machine": machine, "command": "test", "grid": {"name": "tiny"}, "ran": grid.describe(),
@@ -111,3 +112,24 @@ def test_adapter_overhead_hands_over_its_rows_after_each_layer_shape_and_model(t
     assert "**Unfinished**" in (tmp_path / "overhead.md").read_text()
     write_markdown({**unfinished, "rows": rows, "finished": True}, tmp_path / "finished.md")
     assert "Unfinished" not in (tmp_path / "finished.md").read_text()
+
+
+def test_bytes_floor_counts_what_a_decode_step_reads():
+    """Llama-2-7B's shapes in bf16, worked out by hand: its weights (the untied embedding only for the batch's
+    rows), the KV cache, and r * (d_in + d_out) numbers a layer for each adapter."""
+    from bench.bytes_floor import adapter_bytes, bytes_floor, decode_bytes  # noqa: PLC0415
+
+    model = build_base("llama-7b", torch.device("meta"), torch.bfloat16)  # untied, 32 layers of 4096 / 11008
+    layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # q k v o, gate up down, two norms
+    weights = 32 * layer + 4096 + 32000 * 4096 + 64 * 4096  # final norm, lm_head, 64 embedding rows
+    kv_cache = 64 * 128 * 32 * 2 * 32 * 128  # rows x context x layers x (keys, values) x heads x head_dim
+    assert decode_bytes(model, batch=64, context=128) == 2 * (weights + kv_cache)
+    shapes = {"q": (4096, 4096), "down": (11008, 4096)}
+    assert adapter_bytes(shapes, rank=16, element_size=2) == 2 * 16 * (8192 + 15104)
+    assert bytes_floor(100, 25) == 1.25
+    tied = build_base("flora-tiny-llama", torch.device("cpu"), torch.float32)
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    unique = sum(p.numel() for p in {id(p): p for p in tied.parameters()}.values())
+    config = tied.config
+    kv_row = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim
+    assert decode_bytes(tied, batch=3, context=5) == 4 * (unique + 3 * 5 * kv_row)  # the table read once, whole
