@@ -19,6 +19,10 @@ LABELS = {"flora ours": "FLoRA: ours", "flora loop": "FLoRA: loop", "flora fused
           "ours_slots_r64": "ours, LoRA slots padded to rank 64", "paper_bmm": "paper's bmm (per row)",
           "bmm": "bmm (per chunk)", "bgmv": "bgmv (Triton)", "peft": "PEFT mixed batch",
           "loop": "loop over adapter groups"}
+STYLE = {"ours": ("tab:blue", "o"), "grouped": ("tab:cyan", "s"), "bmm": ("tab:orange", "^"), "bgmv": ("black", "P"),
+         "paper_bmm": ("tab:brown", "v"), "peft": ("tab:red", "D"), "loop": ("tab:gray", "x"),
+         "ours_no_adapter": ("tab:green", "."), "ours_slots_r64": ("tab:olive", "*"),
+         "flora ours": ("tab:purple", "o"), "flora loop": ("tab:pink", "x"), "flora fused": ("indigo", "P")}
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,7 @@ class Headline:
     """The issue's targets for one kind of machine: model-level decode, B rows, each with its own adapter."""
 
     batch: int
-    targets: dict  # kind -> the largest ratio to base that meets the target
+    targets: dict[str, float]  # kind -> the largest ratio to base that meets the target
     machine: str
 
 
@@ -37,10 +41,6 @@ GPU_HEADLINE = Headline(64, {"lora": 1.05, "flora": 1.02}, "a GPU")
 def headline_for(device: str) -> Headline:
     """The GPU targets for a run on CUDA, the CPU ones otherwise."""
     return GPU_HEADLINE if device.startswith("cuda") else CPU_HEADLINE
-STYLE = {"ours": ("tab:blue", "o"), "grouped": ("tab:cyan", "s"), "bmm": ("tab:orange", "^"), "bgmv": ("black", "P"),
-         "paper_bmm": ("tab:brown", "v"), "peft": ("tab:red", "D"), "loop": ("tab:gray", "x"),
-         "ours_no_adapter": ("tab:green", "."), "ours_slots_r64": ("tab:olive", "*"),
-         "flora ours": ("tab:purple", "o"), "flora loop": ("tab:pink", "x"), "flora fused": ("indigo", "P")}
 
 
 def _index(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
