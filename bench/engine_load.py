@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoTokenizer
 
+from bench.bytes_floor import adapter_bytes, bytes_floor, decode_bytes
 from bench.overhead_layer import strategy_switch
 from bench.overhead_model import MODEL_NAMES, build_base
 from bench.serving_load import Workload
@@ -82,7 +84,7 @@ def engine_closed_loop(engine: Engine, workload: Workload, concurrency: int, dur
     try:
         for _ in range(concurrency):
             add()
-        start, steps, tokens, finished = time.perf_counter(), 0, 0, 0
+        start, steps, tokens, finished, kv_tokens, adapters = time.perf_counter(), 0, 0, 0, 0, 0
         while time.perf_counter() - start < duration_s:
             for output in engine.step():
                 tokens += len(output.delta_token_ids)
@@ -91,6 +93,8 @@ def engine_closed_loop(engine: Engine, workload: Workload, concurrency: int, dur
                     in_flight.discard(output.request_id)
                     add()
             steps += 1
+            occupancy = engine.stats()
+            kv_tokens, adapters = kv_tokens + occupancy.kv_tokens, adapters + occupancy.pinned_adapters
         elapsed = time.perf_counter() - start
         for request_id in in_flight:  # drain: abort what is left
             engine.abort(request_id)
@@ -100,7 +104,8 @@ def engine_closed_loop(engine: Engine, workload: Workload, concurrency: int, dur
         torch.set_num_threads(threads)
     return {"output_tokens_per_s": round(tokens / elapsed, 1), "requests_per_s": round(finished / elapsed, 2),
             "steps_per_s": round(steps / elapsed, 1), "mean_rows_per_step": round(tokens / max(steps, 1), 1),
-            "elapsed_s": round(elapsed, 2)}
+            "mean_kv_tokens_per_step": round(kv_tokens / max(steps, 1), 1),
+            "mean_adapters_per_step": round(adapters / max(steps, 1), 2), "elapsed_s": round(elapsed, 2)}
 
 
 # ----------------------------------------------------------------- the Llama-style model, alone
@@ -179,15 +184,53 @@ def run_model(model_name: str, adapters: int, rank: int, concurrency: int, durat
     for k, (label, limit, drawn_from, flora_matmul) in interleaved(points, rounds):
         load_before = load_average()
         stats = closed_loop(label, limit, drawn_from, flora_matmul, duration_s, k)
+        floor = step_floor(model, stats, one_adapter_bytes(label, shapes, rank, model)) if drawn_from else None
         results.append({"app": "engine" if limit is None else "engine_one_adapter_per_step", "model": model_name,
                         "workload": label, "concurrency": concurrency, "round": k, **stats,
-                        "load_average": load_before})
+                        **({"bytes_floor": floor} if floor else {}), "load_average": load_before})
         print(f"r{k} {results[-1]['app']:27s} {label:12s} {stats['output_tokens_per_s']:8.1f} tok/s "
               f"{stats['steps_per_s']:6.1f} steps/s {stats['mean_rows_per_step']} tokens/step load {load_before}",
               flush=True)
     if not profile_s:
         return results, None
     return results, profile_table(lambda: closed_loop(*lora_point, profile_s, rounds), device)
+
+
+def one_adapter_bytes(label: str, shapes: dict[str, tuple[int, int]], rank: int, model: MultiAdapterModel) -> int:
+    """One adapter's bytes at a point: FLoRA rank 1, else LoRA at `rank` (DoRA adds its magnitude, d_out a layer)."""
+    element = next(model.model.parameters()).element_size()
+    size = adapter_bytes(shapes, 1 if label.startswith("flora") else rank, element)
+    return size + (sum(d_out for _, d_out in shapes.values()) * element if label.startswith("dora") else 0)
+
+
+def floor_lines(results: list[dict]) -> list[str]:
+    """Markdown: each adapter point's bytes floor and distinct adapters a step, medians over its rounds."""
+    points: dict[tuple[str, str], list[dict]] = {}
+    for row in results:
+        if "bytes_floor" in row:
+            points.setdefault((row["app"], row["workload"]), []).append(row)
+    lines = ["Bytes floors (bench/bytes_floor.py): the lowest ratio of a point's mean step to the same step "
+             "without adapters where steps are bound by the bytes they read (a GPU's), so that point's throughput "
+             "can be at most 1 / floor of those steps' without adapters; medians over rounds.", "",
+             "| point | rows a step | distinct adapters a step | KV tokens a step | bytes floor | at most |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for (app, workload), rows in points.items():
+        rows_a_step, adapters, kv_tokens, floor = (
+            statistics.median(row[key] for row in rows)
+            for key in ("mean_rows_per_step", "mean_adapters_per_step", "mean_kv_tokens_per_step", "bytes_floor"))
+        lines.append(f"| {app} {workload} | {rows_a_step:.1f} | {adapters:.1f} | {kv_tokens:.0f} | {floor:.3f}x | "
+                     f"{100 / floor:.0f}% |")
+    return lines if points else []
+
+
+def step_floor(model: MultiAdapterModel, stats: dict, adapter_size: int) -> float | None:
+    """The bytes floor (bench.bytes_floor) of this point's mean step: its mean rows, KV columns and
+    distinct adapters; None if no step ran."""
+    rows = round(stats["mean_rows_per_step"])
+    if rows < 1:
+        return None
+    base = decode_bytes(model.model, rows, round(stats["mean_kv_tokens_per_step"] / rows))
+    return round(bytes_floor(base, stats["mean_adapters_per_step"] * adapter_size), 4)
 
 
 def profile_table(run: Callable[[], object], device: torch.device) -> str:
@@ -242,7 +285,8 @@ def main() -> None:
              f"Machine: {info.get('gpu', info['cpu'])} ({info['cpu_count']} CPU cores), torch {info['torch']}, "
              f"1 thread, {info['dtype']}. Load "
              f"average before: {info['load_average_1_5_15']}, after: {info['load_average_after']}. Ran "
-             f"{info['seconds']} s. Command: `{command}`", "", *engine_table({"engine_only": results})]
+             f"{info['seconds']} s. Command: `{command}`", "", *engine_table({"engine_only": results}),
+             *floor_lines(results)]
     (args.out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     if profile_text is not None:
         (args.out_dir / f"{stem}_profile.txt").write_text(profile_text)

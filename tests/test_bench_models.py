@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from bench.engine_load import run_model
+from bench.engine_load import floor_lines, run_model
 from bench.overhead_model import build_base
 from bench.timing import NoHostCopies, Timer
 
@@ -43,7 +43,16 @@ def test_engine_benchmark_runs_every_point_each_round_in_bfloat16():
     one_per_step = [r for r in results if r["app"] == "engine_one_adapter_per_step"]
     mixed = [r for r in results if (r["app"], r["workload"]) == ("engine", "uniform-3")]
     assert max(r["mean_rows_per_step"] for r in one_per_step) < min(r["mean_rows_per_step"] for r in mixed)
+    assert max(r["mean_adapters_per_step"] for r in one_per_step) < min(r["mean_adapters_per_step"] for r in mixed)
     assert "aten::mm" in profile_text  # the profiled LoRA point ran the model's matmuls
+    # each adapter point's mean step has a bytes floor over its base bytes; rank-1 FLoRA reads less than rank-4 LoRA
+    assert all(("bytes_floor" in r) == (r["workload"] != "base") for r in results)
+    assert all(r["bytes_floor"] > 1 for r in results if r["workload"] != "base")
+    floor_of = {(r["round"], r["workload"]): r["bytes_floor"] for r in results if r["app"] == "engine"
+                and r["workload"] != "base"}
+    assert all(floor_of[k, "flora-uniform-3"] < floor_of[k, "uniform-3"] for k in range(rounds)), floor_of
+    report = floor_lines(results)
+    assert "| engine flora-uniform-3 |" in "\n".join(report) and len(report) == 4 + len(points) - 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
