@@ -86,12 +86,17 @@ def gpu_lora_strategies() -> dict[str, LoraDeltaFn]:
 
 def lora_strategy(name: str) -> LoraDeltaFn:
     """The strategy called `name`: in LORA_STRATEGIES, or else in gpu_lora_strategies()."""
-    strategy = LORA_STRATEGIES.get(name) or gpu_lora_strategies().get(name)
-    if strategy is None:
-        known = sorted({*LORA_STRATEGIES, *gpu_lora_strategies()})
-        raise ValueError(f"LoRA strategy {name!r} is not available here (these are: {known}); "
-                         "'bgmv' needs Triton, which CUDA builds of torch install")
-    return strategy
+    return _by_name(name, "LoRA strategy", LORA_STRATEGIES, gpu_lora_strategies, "bgmv")
+
+
+def _by_name(name: str, what: str, ours: dict, triton_kernels: Callable[[], dict], kernel: str):
+    """ours[name], or else triton_kernels()[name] (looked up only then); a ValueError naming what there is."""
+    found = ours.get(name) or triton_kernels().get(name)
+    if found is None:
+        known = sorted({*ours, *triton_kernels()})
+        raise ValueError(f"{what} {name!r} is not available here (these are: {known}); "
+                         f"'{kernel}' needs Triton, which CUDA builds of torch install")
+    return found
 
 
 # The rule, from bench/lora_strategies.py (README, Performance). bmm pays per chunk (it copies
@@ -183,12 +188,7 @@ def gpu_flora_matmuls() -> dict[str, FloraMatmulFn]:
 
 def flora_matmul_named(name: str) -> FloraMatmulFn:
     """The FLoRA layer implementation called `name`: in FLORA_MATMULS, or else in gpu_flora_matmuls()."""
-    matmul = FLORA_MATMULS.get(name) or gpu_flora_matmuls().get(name)
-    if matmul is None:
-        known = sorted({*FLORA_MATMULS, *gpu_flora_matmuls()})
-        raise ValueError(f"FLoRA implementation {name!r} is not available here (these are: {known}); "
-                         "'fused' needs Triton, which CUDA builds of torch install")
-    return matmul
+    return _by_name(name, "FLoRA implementation", FLORA_MATMULS, gpu_flora_matmuls, "fused")
 
 
 def pick_flora_matmul(rows: SlotRows, rank: int) -> str:
