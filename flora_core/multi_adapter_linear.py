@@ -9,8 +9,9 @@ token t of a batch, the layer with that token's own adapter:
     IA3:   y_t = (W0 x_t + b0) o l,  or  W0 (x_t o l) + b0 for feed-forward modules (PEFT)
     none:  y_t = W0 x_t + b0          (the base layer itself)
 
-The per-call `AdapterBatch` arrives as the `batch` keyword argument of forward (see patching's
-`adapter_batch_scope`); without it the layer is exactly the base layer.
+The per-call `AdapterBatch` is the `batch` keyword argument of forward, or else the batch that
+patching's `adapter_batch_scope` set for the pass in progress; without one the layer is exactly the
+base layer.
 """
 
 from __future__ import annotations
@@ -101,6 +102,13 @@ class MultiAdapterLinear(nn.Module):
                                     ia3_in=(False,) * n_ia3, ia3_out=(False,) * n_ia3, width=self.d_in + self.d_out)
         for slot in range(n_flora):
             self._write_flora(slot, None)
+        self.scoped_batch: AdapterBatch | None = None  # set only inside patching.adapter_batch_scope
+
+    def set_scoped_batch(self, batch: AdapterBatch | None) -> None:
+        """The batch forward uses when it is not passed one (adapter_batch_scope sets it and restores it)."""
+        # object.__setattr__: nn.Module.__setattr__ looks through parameters, buffers and submodules first,
+        # ~1 us, twice per layer and forward pass (224 layers in a 7B model); the value is never one of those.
+        object.__setattr__(self, "scoped_batch", batch)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, capacity={self.capacity}"
@@ -195,7 +203,11 @@ class MultiAdapterLinear(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor, batch: AdapterBatch | None = None) -> torch.Tensor:
-        """x: [..., d_in] whose leading dims flatten to batch.num_tokens tokens. Returns [..., d_out]."""
+        """x: [..., d_in] whose leading dims flatten to batch.num_tokens tokens. Returns [..., d_out].
+
+        batch: this pass's AdapterBatch; None takes the scoped one (adapter_batch_scope), if any.
+        """
+        batch = self.scoped_batch if batch is None else batch
         if batch is None:
             return self.base_layer(x)
         tokens = x.reshape(-1, self.d_in)  # [T, d_in]

@@ -4,7 +4,7 @@ Targets follow PEFT's `target_modules` semantics: a string is a regex that must 
 module name; a list matches a name equal to an entry or ending in "." + entry; "all-linear"
 takes every linear layer but the output head. transformers' own code is never edited: modules
 are replaced with `setattr` on their parent, and each call's AdapterBatch reaches the wrappers
-as a forward keyword through hooks that live only inside `adapter_batch_scope`.
+through `adapter_batch_scope`, which sets it on each of them for the block alone.
 """
 
 from __future__ import annotations
@@ -94,21 +94,22 @@ def patch_model(
 
 @contextmanager
 def adapter_batch_scope(layers: Iterable[MultiAdapterLinear], batch: AdapterBatch) -> Iterator[None]:
-    """Within the block, every forward of these layers receives `batch=batch`; always undone after.
+    """Within the block, every forward of these layers uses `batch`; always undone after.
 
-    A batch with no adapter rows installs nothing: the layers run as the base layers. One scope
-    at a time per model: the engine runs one forward pass at a time.
+    A batch with no adapter rows sets nothing: the layers run as the base layers. One scope at a
+    time per model (the engine runs one forward pass at a time); a nested one is undone to the outer.
+    A forward pre-hook per layer did the same at ~9 us a layer and call (the embedded model: 0.3 ms a
+    pass, 4% of its decode step); setting an attribute costs ~0.2 us a layer and scope.
     """
     if not batch.has_adapter_tokens:
         yield
         return
-
-    def pass_batch(_module, args, kwargs):
-        return args, {**kwargs, "batch": batch}
-
-    handles = [layer.register_forward_pre_hook(pass_batch, with_kwargs=True) for layer in layers]
+    layers = list(layers)
+    outer = [layer.scoped_batch for layer in layers]
+    for layer in layers:
+        layer.set_scoped_batch(batch)
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for layer, before in zip(layers, outer):
+            layer.set_scoped_batch(before)

@@ -395,6 +395,25 @@ def test_model_mixed_batch_matches_merged_models(arch):
         assert torch.equal(model(input_ids=input_ids).logits, base(input_ids=input_ids).logits)
 
 
+def test_a_scope_applies_its_own_batch_and_leaves_the_outer_one_after_it_ends_or_raises():
+    """adapter_batch_scope sets the batch on the layers for the block alone: an inner scope's rows get
+    the inner batch, the outer batch is back after it (also when the block raised), none after both."""
+    layer = make_layer("linear", torch.float32, SlotCapacity(lora_slots=2, flora_slots=2, ia3_slots=0))
+    adapters = adapter_set("mixed", rank=4)[:2]  # a LoRA and a FLoRA adapter
+    slots = load_into_slots(layer, adapters)
+    x = torch.randn(2, TOKENS_PER_ROW, D_IN, generator=torch.Generator().manual_seed(3))
+    outer = AdapterBatch.from_rows(slots, TOKENS_PER_ROW)
+    inner = AdapterBatch.from_rows(slots[::-1], TOKENS_PER_ROW)  # each row the other adapter
+    outer_ref, inner_ref = reference_rows(layer, adapters, x), reference_rows(layer, adapters[::-1], x)
+    with torch.no_grad(), adapter_batch_scope([layer], outer):
+        with pytest.raises(RuntimeError, match="in the block"), adapter_batch_scope([layer], inner):
+            assert_close_to_reference(layer(x), inner_ref, torch.float32)
+            raise RuntimeError("in the block")
+        assert_close_to_reference(layer(x), outer_ref, torch.float32)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.base_layer(x))
+
+
 def test_flora_tokens_are_computed_at_their_own_rank():
     """Grouping by rank: rank-1 adapters beside a rank-8 one are not padded to rank 8, and a slot
     that does not target the layer (rank 0, the identity) joins the rank-1 group."""
