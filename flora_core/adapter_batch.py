@@ -8,6 +8,7 @@ can gather them (bmm), walk them segment by segment (grouped), or scatter result
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
@@ -24,9 +25,8 @@ class AdapterSlot(NamedTuple):
     slot: int
 
 
-@dataclass(frozen=True)
-class Segment:
-    """A run of consecutive sorted tokens sharing one slot."""
+class Segment(NamedTuple):
+    """A run of consecutive sorted tokens sharing one slot (a NamedTuple: made by the dozen every pass)."""
 
     slot: int
     start: int
@@ -120,71 +120,100 @@ class AdapterBatch:
         """Build from one entry per row (None = base model) and each row's token count.
 
         Rows are laid out one after another: row i owns tokens [offset_i, offset_i + tokens_i),
-        as in a [B, S] batch flattened to [B*S] (tokens_per_row = S) or a packed batch.
+        as in a [B, S] batch flattened to [B*S] (tokens_per_row = S) or a packed batch. The work is
+        done per row on the host (a few tensors made at the end), since it runs once per forward pass.
         """
-        if isinstance(tokens_per_row, int):
-            tokens_per_row = [tokens_per_row] * len(row_slots)
-        if len(tokens_per_row) != len(row_slots):
+        counts = [tokens_per_row] * len(row_slots) if isinstance(tokens_per_row, int) else list(tokens_per_row)
+        if len(counts) != len(row_slots):
             raise ValueError(
-                f"tokens_per_row has {len(tokens_per_row)} entries but row_slots has {len(row_slots)}; "
+                f"tokens_per_row has {len(counts)} entries but row_slots has {len(row_slots)}; "
                 "pass one token count per row"
             )
-        kind_codes = {None: -1, AdapterKind.LORA: 0, AdapterKind.FLORA: 1, AdapterKind.IA3: 2}
-        row_kind = torch.tensor([kind_codes[s.kind if s else None] for s in row_slots], dtype=torch.long)
-        row_slot = torch.tensor([s.slot if s else -1 for s in row_slots], dtype=torch.long)
-        counts = torch.tensor(list(tokens_per_row), dtype=torch.long)
-        token_kind = torch.repeat_interleave(row_kind, counts)  # [T]
-        token_slot = torch.repeat_interleave(row_slot, counts)  # [T]
-        num_tokens = int(counts.sum())
-        device = torch.device(device)
-        flora_mask = token_kind == 1
+        if any(count < 0 for count in counts):
+            raise ValueError(f"tokens_per_row has a negative count ({min(counts)}); pass 0 or more tokens per row")
+        layout = _RowLayout(counts, torch.device(device))
+        rows_of = {kind: [] for kind in AdapterKind}
+        non_flora = []
+        for row, slot in enumerate(row_slots):
+            if counts[row]:
+                if slot is not None:
+                    rows_of[slot.kind].append(row)
+                if slot is None or slot.kind is not AdapterKind.FLORA:
+                    non_flora.append(row)
         return AdapterBatch(
-            num_tokens=num_tokens,
-            lora=_slot_rows(token_kind == 0, token_slot, device),
-            flora=_slot_rows(flora_mask, token_slot, device),
-            ia3=_slot_rows(token_kind == 2, token_slot, device),
-            non_flora_index=torch.nonzero(~flora_mask).flatten().to(device),
+            num_tokens=layout.num_tokens,
+            lora=_slot_rows(rows_of[AdapterKind.LORA], row_slots, layout),
+            flora=_slot_rows(rows_of[AdapterKind.FLORA], row_slots, layout),
+            ia3=_slot_rows(rows_of[AdapterKind.IA3], row_slots, layout),
+            non_flora_index=layout.positions(non_flora),
         )
 
 
-def _slot_rows(mask: torch.Tensor, token_slot: torch.Tensor, device: torch.device) -> SlotRows:
-    """Select the tokens in mask ([T] bool), sort them by slot, and cut them into segments."""
-    token_index = torch.nonzero(mask).flatten()
-    slots = token_slot[token_index]
-    order = torch.argsort(slots, stable=True)
-    token_index, slots = token_index[order], slots[order]
-    segments = _runs(slots)
-    every_token = token_index.shape[0] == mask.shape[0]
-    covers_all = every_token and bool(torch.equal(token_index, torch.arange(mask.shape[0])))
-    slots = slots.to(device)
+class _RowLayout:
+    """Where each row's tokens lie in the flattened batch, and the tensors built from lists of rows."""
+
+    def __init__(self, counts: list[int], device: torch.device) -> None:
+        self.counts, self.device = counts, device
+        self.starts = list(itertools.accumulate(counts, initial=0))  # [B + 1]: row i owns [starts[i], starts[i+1])
+        self.num_tokens = self.starts[-1]
+
+    def positions(self, rows: list[int]) -> torch.Tensor:
+        """The token positions of these rows, row after row: [their token count] long."""
+        starts = [self.starts[row] for row in rows]
+        if all(self.counts[row] == 1 for row in rows):  # decode: a token per row
+            return torch.tensor(starts, dtype=torch.long, device=self.device)
+        counts = torch.tensor([self.counts[row] for row in rows], dtype=torch.long)
+        first = torch.cumsum(counts, 0) - counts  # where each row's tokens begin in the result
+        within = torch.arange(int(counts.sum()))  # each token's place in the result
+        return (torch.repeat_interleave(torch.tensor(starts, dtype=torch.long) - first, counts) + within).to(self.device)
+
+    def per_token(self, values: list[int], rows: list[int]) -> torch.Tensor:
+        """values[i] repeated for each token of rows[i]: [their token count] long."""
+        if all(self.counts[row] == 1 for row in rows):
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+        counts = torch.tensor([self.counts[row] for row in rows], dtype=torch.long)
+        return torch.repeat_interleave(torch.tensor(values, dtype=torch.long), counts).to(self.device)
+
+    def runs(self, slots: list[int], rows: list[int]) -> tuple[Segment, ...]:
+        """The runs of equal consecutive slots over these rows' tokens (rows of one slot merged), as Segments."""
+        runs, start = [], 0  # [slot, start, length] each
+        for slot, row in zip(slots, rows):
+            length = self.counts[row]
+            if runs and runs[-1][0] == slot:
+                runs[-1][2] += length
+            else:
+                runs.append([slot, start, length])
+            start += length
+        return tuple(Segment(slot, start, length) for slot, start, length in runs)
+
+
+def _slot_rows(rows: list[int], row_slots: Sequence[AdapterSlot | None], layout: _RowLayout) -> SlotRows:
+    """These rows' tokens (rows with tokens, in batch order) sorted by slot, stably, and cut into segments."""
+    order = sorted(rows, key=lambda row: row_slots[row].slot)
+    order_slots = [row_slots[row].slot for row in order]
+    segments = layout.runs(order_slots, order)
+    slots = layout.per_token(order_slots, order)
+    every_token = slots.shape[0] == layout.num_tokens
+    covers_all = every_token and order == rows  # sorting moved no row: token_index is arange(T)
     return SlotRows(
-        token_index=token_index.to(device),
+        token_index=layout.positions(order),
         slots=slots,
-        segments=tuple(segments),
+        segments=segments,
         covers_all_tokens=covers_all,
         distinct_slots=tuple(segment.slot for segment in segments),
-        token_order=_in_token_order(token_slot, device) if every_token and not covers_all else None,
+        token_order=_in_token_order(rows, row_slots, layout) if every_token and not covers_all else None,
         **_chunks(segments, slots),
     )
 
 
-def _in_token_order(token_slot: torch.Tensor, device: torch.device) -> SlotRows:
-    """Every token ([T] slots, none -1) in batch order, cut into runs of one slot: SlotRows.token_order."""
-    segments = _runs(token_slot)
-    slots = token_slot.to(device)
-    return SlotRows(token_index=torch.arange(token_slot.shape[0], device=device), slots=slots, segments=tuple(segments),
-                    covers_all_tokens=True, distinct_slots=tuple(segment.slot for segment in segments),
-                    **_chunks(segments, slots))
-
-
-def _runs(slots: torch.Tensor) -> tuple[Segment, ...]:
-    """The runs of equal consecutive entries of slots ([n] long, on the host) as Segments."""
-    values, counts = torch.unique_consecutive(slots, return_counts=True)
-    segments, start = [], 0
-    for slot, length in zip(values.tolist(), counts.tolist()):
-        segments.append(Segment(slot=slot, start=start, length=length))
-        start += length
-    return tuple(segments)
+def _in_token_order(rows: list[int], row_slots: Sequence[AdapterSlot | None], layout: _RowLayout) -> SlotRows:
+    """Every token (rows holding all T of them) in batch order, cut into runs of one slot: SlotRows.token_order."""
+    row_slot = [row_slots[row].slot for row in rows]
+    segments = layout.runs(row_slot, rows)
+    slots = layout.per_token(row_slot, rows)
+    return SlotRows(token_index=torch.arange(layout.num_tokens, device=layout.device), slots=slots,
+                    segments=segments, covers_all_tokens=True,
+                    distinct_slots=tuple(segment.slot for segment in segments), **_chunks(segments, slots))
 
 
 def _chunks(segments: Sequence[Segment], slots: torch.Tensor) -> dict:
@@ -194,4 +223,7 @@ def _chunks(segments: Sequence[Segment], slots: torch.Tensor) -> dict:
     a [B, S] batch cuts into (at least) one chunk per row, a decode batch into one per token or more.
     """
     length = math.gcd(*(segment.length for segment in segments)) or 1
-    return {"chunk_length": length, "chunk_slots": slots if length == 1 else slots[::length].contiguous()}
+    if length == 1:
+        return {"chunk_length": 1, "chunk_slots": slots}
+    chunk_slots = [segment.slot for segment in segments for _ in range(segment.length // length)]
+    return {"chunk_length": length, "chunk_slots": torch.tensor(chunk_slots, dtype=torch.long, device=slots.device)}
