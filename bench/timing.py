@@ -36,7 +36,9 @@ class Timer:
     """Median wall time of calls, in ms: CUDA events and a synchronize on a GPU, perf_counter on the CPU.
 
     `compare` interleaves the calls it is given, one of each per round, so that a burst of load
-    from elsewhere on a shared machine lands on all of them alike. After `warmup` untimed rounds
+    from elsewhere on a shared machine lands on all of them alike, and rotates their order each
+    round, so that no call always runs right after the same one (after the base model, say, whose
+    pass leaves the adapters' factors out of the CPU's caches). After `warmup` untimed rounds
     it runs at least `min_rounds` timed rounds and at most `rounds`, stopping once the timed
     calls have taken `budget_s` per call on average (slow cases get fewer samples).
     """
@@ -60,10 +62,11 @@ class Timer:
                             else self._eager(name, fn) if before is not None else self._captured(name, fn), before)
                      for name, (fn, before) in calls.items()}
         samples: dict[str, list[float]] = {name: [] for name in calls}
+        names = list(calls)
         spent_ms, rounds = 0.0, 0
         while rounds < self.rounds and (rounds < self.min_rounds or spent_ms < self.budget_s * 1e3 * len(calls)):
-            for name, (fn, before) in calls.items():
-                samples[name].append(self._once_ms(fn, before))
+            for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+                samples[name].append(self._once_ms(*calls[name]))
                 spent_ms += samples[name][-1]
             rounds += 1
         return {name: statistics.median(values) for name, values in samples.items()}

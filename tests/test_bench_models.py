@@ -83,6 +83,16 @@ def test_cuda_graph_timer_replays_captured_calls_and_names_those_it_times_eagerl
     assert torch.ones(1, device=device).item() == 1  # the failed capture left the device usable
 
 
+def test_timer_rotates_the_calls_so_each_runs_after_every_other_one():
+    """A call run always right after the same one (the base model, which evicts the adapters' factors
+    from the caches) would be timed cold every round; rotated, each call leads one round in n."""
+    order: list[str] = []
+    calls = {name: (lambda name=name: order.append(name), lambda: None) for name in ("base", "ours", "bmm")}
+    ms = Timer(torch.device("cpu"), rounds=3, min_rounds=3, warmup=0, budget_s=0.0).compare(calls)
+    assert set(ms) == set(calls)
+    assert order == ["base", "ours", "bmm", "ours", "bmm", "base", "bmm", "base", "ours"]
+
+
 def test_capture_guard_refuses_copies_from_host_memory_and_lets_device_work_and_scalars_through():
     """NoHostCopies on the meta device (a stand-in for CUDA here): what it refuses, before anything runs."""
     device_tensor, host_tensor = torch.ones(4, 3, device="meta"), torch.ones(4, 3)
