@@ -165,7 +165,8 @@ class _RowLayout:
         counts = torch.tensor([self.counts[row] for row in rows], dtype=torch.long)
         first = torch.cumsum(counts, 0) - counts  # where each row's tokens begin in the result
         within = torch.arange(int(counts.sum()))  # each token's place in the result
-        return (torch.repeat_interleave(torch.tensor(starts, dtype=torch.long) - first, counts) + within).to(self.device)
+        shift = torch.tensor(starts, dtype=torch.long) - first  # each row's start less its place in the result
+        return (torch.repeat_interleave(shift, counts) + within).to(self.device)
 
     def per_token(self, values: list[int], rows: list[int]) -> torch.Tensor:
         """values[i] repeated for each token of rows[i]: [their token count] long."""

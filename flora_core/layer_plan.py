@@ -27,11 +27,13 @@ class SlotTable(NamedTuple):
     ia3_out: tuple[bool, ...]  # [ia3 slots]: scales this layer's output
     width: int  # d_in + d_out, read by the LoRA strategy rule
 
-    def replace_at(self, field: str, slot: int, value: int | bool) -> "SlotTable":
-        """A copy with entry `slot` of `field` set to `value`."""
-        entries = list(getattr(self, field))
-        entries[slot] = value
-        return self._replace(**{field: tuple(entries)})
+    def replace_at(self, slot: int, **values: int | bool) -> "SlotTable":
+        """A copy with entry `slot` of each field named in `values` set to its value."""
+        fields = {}
+        for field, value in values.items():
+            entries = getattr(self, field)
+            fields[field] = entries[:slot] + (value,) + entries[slot + 1:]
+        return self._replace(**fields)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import flora_core.layer_plan as layer_plan
 from flora_core.adapter_batch import AdapterBatch, AdapterSlot
 from flora_core.adapter_weights import AdapterKind, AdapterWeights, Ia3Module, LoraModule
 from flora_core.batched_ops import LORA_STRATEGIES
+from flora_core.layer_plan import SlotTable
 from flora_core.multi_adapter_linear import MultiAdapterLinear, SlotCapacity
 from flora_core.patching import adapter_batch_scope, patch_model
 from tests.factories import TINY_MODELS, random_adapter
@@ -208,6 +209,35 @@ def test_slot_rewrite_between_calls_of_one_batch_is_seen(kinds):
     assert_close_to_reference(first, ref_before, torch.float32)
     assert_close_to_reference(second, ref_after, torch.float32)
     assert_visible_effect(ref_after, ref_before, row_ids, torch.float32)
+
+
+@pytest.mark.parametrize("kinds", ["lora", "dora", "flora", "ia3", "mixed"])
+def test_rewriting_one_slot_leaves_every_other_slot_as_it_was(kinds):
+    """Slots of mixed ranks (and DoRA or IA3 sides); slot 0 rewritten with an adapter of another rank
+    or side: each row still gets its own slot's adapter, the new one in slot 0 and the old ones elsewhere."""
+    layer = make_layer("linear", torch.float32, CAPACITY)
+    adapters = adapter_set(kinds, 8)  # ranks 8, 4, 8, 1
+    slots = load_into_slots(layer, adapters)
+    same_kind = 1 if kinds == "dora" else 3  # a rank-1 adapter of slot 0's kind (plain LoRA where it was DoRA)
+    adapters[0] = flipped_ia3(adapters[0]) if kinds == "ia3" else adapter_set(kinds, 2, seed=40)[same_kind]
+    layer.write_slot(slots[0].kind, slots[0].slot, adapters[0].modules["layer"])
+    x = torch.randn(6, TOKENS_PER_ROW, D_IN, generator=torch.Generator().manual_seed(4))
+    # every slot together, then each alone (a LoRA batch computes at its slots' largest rank)
+    for row_ids in ([3, 2, 1, 0, 1, 2], *([i] * 6 for i in range(4))):
+        out = run_layer(layer, slots, row_ids, x)
+        ref = reference_rows(layer, [adapters[i] for i in row_ids], x)
+        assert_close_to_reference(out, ref, torch.float32)
+        assert_visible_effect(ref, reference_rows(layer, [None] * len(row_ids), x), row_ids, torch.float32)
+
+
+def test_slot_table_replace_at_sets_exactly_that_slot_of_the_fields_named():
+    table = SlotTable(lora_rank=(8, 4, 8, 1), lora_dora=(True, False, True, False), flora_rank=(2, 0, 1),
+                      ia3_in=(False, True), ia3_out=(True, False), width=96)
+    assert table.replace_at(0, lora_rank=1, lora_dora=False) == table._replace(
+        lora_rank=(1, 4, 8, 1), lora_dora=(False, False, True, False))
+    assert table.replace_at(2, flora_rank=8) == table._replace(flora_rank=(2, 0, 8))
+    assert table.replace_at(1, ia3_in=False, ia3_out=True) == table._replace(ia3_in=(False, False),
+                                                                           ia3_out=(True, True))
 
 
 def test_a_slot_going_dora_plain_dora_matches_the_reference_each_time():
