@@ -158,15 +158,13 @@ class _RowLayout:
         self.num_tokens = self.starts[-1]
 
     def positions(self, rows: list[int]) -> torch.Tensor:
-        """The token positions of these rows, row after row: [their token count] long."""
-        starts = [self.starts[row] for row in rows]
-        if all(self.counts[row] == 1 for row in rows):  # decode: a token per row
-            return torch.tensor(starts, dtype=torch.long, device=self.device)
-        counts = torch.tensor([self.counts[row] for row in rows], dtype=torch.long)
-        first = torch.cumsum(counts, 0) - counts  # where each row's tokens begin in the result
-        within = torch.arange(int(counts.sum()))  # each token's place in the result
-        shift = torch.tensor(starts, dtype=torch.long) - first  # each row's start less its place in the result
-        return (torch.repeat_interleave(shift, counts) + within).to(self.device)
+        """The token positions of these rows (each with a token or more), row after row: [their token count] long."""
+        row_start = self.per_token([self.starts[row] for row in rows], rows)  # each token's row's start
+        if row_start.shape[0] == len(rows):  # a token per row (decode): the starts are the positions
+            return row_start
+        first = list(itertools.accumulate((self.counts[row] for row in rows), initial=0))[:-1]  # in the result
+        place = torch.arange(row_start.shape[0], device=self.device)  # each token's place in the result
+        return row_start + place - self.per_token(first, rows)
 
     def per_token(self, values: list[int], rows: list[int]) -> torch.Tensor:
         """values[i] repeated for each token of rows[i]: [their token count] long."""
