@@ -32,6 +32,10 @@ COPY --chown=ray:users deploy /tmp/flora-serve/deploy
 RUN pip install --no-cache-dir /tmp/flora-serve "ray[serve]==${RAY_VERSION}" "torch==${TORCH_VERSION}" \
     && rm -rf /tmp/flora-serve
 
+# Ray settings a Serve config cannot carry (deploy/cluster_env.py; tests/test_k8s_manifests.py checks
+# that every one is here): the proxy reaches the ingress over gRPC.
+ENV RAY_SERVE_PROXY_USE_GRPC=1
+
 # Fail the build, not the cluster: the embedded model ships in the package and the application
 # builds from its import path (building starts no Ray and touches no GPU).
 WORKDIR /home/ray

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -57,6 +58,7 @@ from bench.result_files import write_results
 from bench.serving_report import write_markdown, write_plots
 from bench.timing import interleaved, load_average, machine_info
 from deploy.app import build_app
+from deploy.cluster_env import CLUSTER_ENV, cluster_env
 from flora_core import AdapterKind, AdapterWeights, LoraModule, save_adapter
 from flora_core.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from flora_core.host_memory import keep_freed_host_memory
@@ -269,7 +271,9 @@ def main() -> None:
         names = write_lora_adapters(root, 100 if args.quick or moderate else max(ADAPTER_COUNTS), args.rank, model_dir)
         print(f"wrote {len(names)} adapters in {time.perf_counter() - started:.1f} s", flush=True)
         engine_results = run_engine_points(root, names, args, model_dir)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        with cluster_env():  # the Ray settings the image and the README's `serve run` give
+            info["ray_env"] = {name: os.environ[name] for name in CLUSTER_ENV}
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": PORT})
             apps = deploy_apps(root, names, model_dir)

@@ -143,7 +143,8 @@ def write_markdown(result: dict, path: Path) -> None:
              f"Machine: {m['cpu']} ({m['cpu_count']} cores), torch {m['torch']}; everything on this machine: "
              "Ray (the replica with 1 CPU and 1 torch thread, ingress, proxy, controller) and the load generator "
              f"(httpx, streaming). Load average (1, 5, 15 min) at start: {m['load_average_1_5_15']}, at the end: "
-             f"{m['load_average_after']}; per point in the table. While a point runs the benchmark itself keeps "
+             f"{m['load_average_after']}; per point in the table. Ray's environment: {m.get('ray_env', {})} "
+             "(deploy/cluster_env.py). While a point runs the benchmark itself keeps "
              "about 5 processes busy (replica, ingress, proxy, catalog, load generator), so a load average of 3-5 "
              f"there is mostly its own. Ran {m['seconds']} s.", "",
              f"Command: `{result['command']}`", "",

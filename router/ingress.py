@@ -55,6 +55,9 @@ class FloraIngress(AdapterManagementRoutes):
 
     def __init__(self, settings: IngressSettings, replica: DeploymentHandle, catalog: DeploymentHandle) -> None:
         self.settings = settings
+        # Results come back by value over Serve's inter-deployment gRPC (Ray >= 2.54), not as object refs:
+        # no object-store round trip per streamed message (README, Performance: 10-20% more tokens/s through HTTP).
+        replica = replica.options(_by_reference=False)
         self.replica = replica
         self.catalog = catalog
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path, local_files_only=True)

@@ -24,6 +24,8 @@ import jsonschema
 import pytest
 import yaml
 
+from deploy.cluster_env import CLUSTER_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
@@ -508,6 +510,17 @@ def test_image_context_holds_the_package():
         assert f"!{package}/" in ignore, package
     for file in ("pyproject.toml", re.search(r'^readme = "(.+)"', pyproject, re.M).group(1)):
         assert file in dockerfile and f"!{file}" in ignore, file
+
+
+def test_image_and_readme_start_ray_with_the_cluster_env():
+    """Every variable of deploy.cluster_env, which no Serve config can carry, is set by the image (so every
+    KubeRay pod has it) and by the README's `serve run` command."""
+    dockerfile, readme = (REPO / "Dockerfile").read_text(), (REPO / "README.md").read_text()
+    serve_command = re.search(r"^bash scripts/setup.sh && (.*serve run deploy/serve_config.yaml)$", readme, re.M)
+    assert CLUSTER_ENV and serve_command
+    for name, value in CLUSTER_ENV.items():
+        assert re.search(rf"^ENV {name}={value}$", dockerfile, re.M), f"Dockerfile: ENV {name}={value}"
+        assert f"{name}={value} " in serve_command.group(1), f"README: {name}={value} before serve run"
 
 
 def test_monitoring_and_tools_fit_the_ray_pods(rendered):
