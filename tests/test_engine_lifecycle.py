@@ -202,6 +202,9 @@ def test_a_cancelled_stream_aborts_its_request(setup, how):
     engine = setup.engine()
     gate = GatedSteps(engine)
     params = SamplingParams(max_tokens=30, temperature=0)
+    aborted = []  # request ids the streams asked the engine to abort
+    engine_abort = engine.abort
+    engine.abort = lambda request_id: aborted.append(request_id) or engine_abort(request_id)
 
     async def main():
         async with AsyncEngine(engine) as served:
@@ -232,7 +235,10 @@ def test_a_cancelled_stream_aborts_its_request(setup, how):
             else:
                 if how == "cancel":
                     task.cancel()
-                await asyncio.gather(task, return_exceptions=True)  # the stream's abort is sent by now
+                await asyncio.gather(task, return_exceptions=True)
+                # A dropped stream ("break") is closed by the event loop's async-generator finalizer, a task
+                # scheduled when the stream is collected: the abort may come a loop turn after the consumer ends.
+                await wait_until(lambda: aborted == ["target"])
                 gate.permits.release()
             await wait_until(lambda: engine.stats().aborted == 1)
             stats = engine.stats()
