@@ -444,6 +444,21 @@ def test_a_scope_applies_its_own_batch_and_leaves_the_outer_one_after_it_ends_or
         assert torch.equal(layer(x), layer.base_layer(x))
 
 
+def test_a_base_only_scope_inside_an_adapter_scope_runs_the_base_layer():
+    """A batch with no adapter rows, scoped inside a scope with adapters, must not inherit the outer
+    batch's adapters: its rows get the base layer, and the outer batch is back after it."""
+    layer = make_layer("linear", torch.float32, SlotCapacity(lora_slots=2, flora_slots=2, ia3_slots=0))
+    adapters = adapter_set("mixed", rank=4)[:2]
+    slots = load_into_slots(layer, adapters)
+    x = torch.randn(2, TOKENS_PER_ROW, D_IN, generator=torch.Generator().manual_seed(4))
+    outer = AdapterBatch.from_rows(slots, TOKENS_PER_ROW)
+    base_only = AdapterBatch.from_rows([None, None], TOKENS_PER_ROW)
+    with torch.no_grad(), adapter_batch_scope([layer], outer):
+        with adapter_batch_scope([layer], base_only):
+            assert torch.equal(layer(x), layer.base_layer(x))
+        assert_close_to_reference(layer(x), reference_rows(layer, adapters, x), torch.float32)
+
+
 def test_flora_tokens_are_computed_at_their_own_rank():
     """Grouping by rank: rank-1 adapters beside a rank-8 one are not padded to rank 8, and a slot
     that does not target the layer (rank 0, the identity) joins the rank-1 group."""
