@@ -132,9 +132,12 @@ class AdapterBatch:
         if any(count < 0 for count in counts):
             raise ValueError(f"tokens_per_row has a negative count ({min(counts)}); pass 0 or more tokens per row")
         layout = _RowLayout(counts, torch.device(device))
+        row_slots = list(row_slots)
         rows_of = {kind: [] for kind in AdapterKind}
         non_flora = []
         for row, slot in enumerate(row_slots):
+            if slot is not None and (type(slot.kind) is not AdapterKind or type(slot.slot) is not int or slot.slot < 0):
+                slot = row_slots[row] = _checked_slot(slot)
             if counts[row]:
                 if slot is not None:
                     rows_of[slot.kind].append(row)
@@ -147,6 +150,21 @@ class AdapterBatch:
             ia3=_slot_rows(rows_of[AdapterKind.IA3], row_slots, layout),
             non_flora_index=layout.positions(non_flora),
         )
+
+
+def _checked_slot(slot: AdapterSlot) -> AdapterSlot:
+    """`slot` with its kind an AdapterKind; ValueError for an unknown kind or a slot index below 0."""
+    kind, index = slot
+    if type(kind) is not AdapterKind:
+        try:
+            kind = AdapterKind(kind)
+        except ValueError:
+            raise ValueError(
+                f"AdapterSlot kind {kind!r} is not one of {[k.value for k in AdapterKind]}; pass an AdapterKind"
+            ) from None
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"AdapterSlot slot {index!r} is not an int >= 0; pass None for a row without an adapter")
+    return AdapterSlot(kind, index)
 
 
 class _RowLayout:

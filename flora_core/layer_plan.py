@@ -61,6 +61,7 @@ def layer_plan(table: SlotTable, batch: AdapterBatch) -> LayerPlan:
 
 
 def _build_plan(table: SlotTable, batch: AdapterBatch) -> LayerPlan:
+    _check_slots_exist(table, batch)
     lora_rank = max((table.lora_rank[slot] for slot in batch.lora.distinct_slots), default=0)
     strategy = pick_lora_strategy(batch.lora, lora_rank, table.width) if lora_rank else None
     flora_groups = _flora_rank_groups(table.flora_rank, batch.flora)
@@ -76,6 +77,17 @@ def _build_plan(table: SlotTable, batch: AdapterBatch) -> LayerPlan:
         flora_matmul=pick_flora_matmul(batch.flora, flora_rank) if flora_groups else None,
         dora_rows=_dora_rows(table.lora_dora, batch.lora),
     )
+
+
+def _check_slots_exist(table: SlotTable, batch: AdapterBatch) -> None:
+    """ValueError if the batch names a slot this layer does not have (an AdapterSlot made by hand)."""
+    for name, rows, count in (("lora", batch.lora, len(table.lora_rank)), ("flora", batch.flora, len(table.flora_rank)),
+                              ("ia3", batch.ia3, len(table.ia3_in))):
+        if rows.distinct_slots and max(rows.distinct_slots) >= count:
+            raise ValueError(
+                f"the batch uses {name} slot {max(rows.distinct_slots)} but the layer has {count} {name} slots; "
+                "pass slots from AdapterPool.acquire"
+            )
 
 
 def _lora_rows(rows: SlotRows, strategy: str | None) -> SlotRows | None:

@@ -84,3 +84,20 @@ def test_decode_rows_sorted_by_slot_keep_each_row_its_own_slot():
 def test_from_rows_refuses_counts_that_do_not_fit_the_rows(tokens_per_row, message):
     with pytest.raises(ValueError, match=message):
         AdapterBatch.from_rows([None, AdapterSlot(AdapterKind.LORA, 0), None], tokens_per_row)
+
+
+@pytest.mark.parametrize("slot, message", [
+    (AdapterSlot(AdapterKind.LORA, -1), "int >= 0"),  # Python's indexing would take the last slot
+    (AdapterSlot(AdapterKind.LORA, True), "int >= 0"),
+    (AdapterSlot("lora-ish", 0), "pass an AdapterKind"),
+])
+def test_from_rows_refuses_slots_no_pool_makes(slot, message):
+    with pytest.raises(ValueError, match=message):
+        AdapterBatch.from_rows([None, slot], 1)
+
+
+def test_a_kind_given_as_its_string_keeps_its_adapter():
+    """AdapterKind is a str enum: "flora" must make a FLoRA row, never also a base row."""
+    batch = AdapterBatch.from_rows([AdapterSlot("flora", 0), None], 1)
+    assert batch.flora.token_index.tolist() == [0]
+    assert batch.non_flora_index.tolist() == [1]

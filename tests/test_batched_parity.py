@@ -240,6 +240,15 @@ def test_slot_table_replace_at_sets_exactly_that_slot_of_the_fields_named():
                                                                            ia3_out=(True, True))
 
 
+@pytest.mark.parametrize("kind", list(AdapterKind))
+def test_a_slot_the_layer_does_not_have_is_a_value_error(kind):
+    """A hand-made AdapterSlot past the layer's slots is refused by name, never read from another slot."""
+    layer = make_layer("linear", torch.float32, CAPACITY)
+    x = torch.randn(2, TOKENS_PER_ROW, D_IN)
+    with pytest.raises(ValueError, match=f"{kind.value} slot 4 but the layer has 4 {kind.value} slots"):
+        run_layer(layer, [AdapterSlot(kind, 4)], [0, None], x)
+
+
 def test_a_slot_going_dora_plain_dora_matches_the_reference_each_time():
     """DoRA's g is kept per adapter after its first write: a slot rewritten with plain LoRA is plain,
     and the DoRA adapter written back gets its own g again."""
