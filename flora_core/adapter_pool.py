@@ -45,6 +45,10 @@ class UnknownAdapterError(KeyError):
 class PoolExhaustedError(RuntimeError):
     """Every device slot of one kind is pinned by in-flight requests."""
 
+    def __init__(self, message: str, kind: AdapterKind) -> None:
+        super().__init__(message)
+        self.kind = kind
+
 
 @dataclass(frozen=True)
 class PoolLimits:
@@ -105,12 +109,16 @@ class AdapterPool:
     # ----- registry -----
 
     def register(self, name: str, source: AdapterSource | str | os.PathLike, *, replace: bool = False) -> None:
-        """Make `name` known. A path (or a MergedSource's paths) is not read until the adapter is first needed."""
+        """Make `name` known. A path (or a MergedSource's paths) is not read until the adapter is first needed.
+
+        Registering a name again with the same source does nothing, unless `replace`: then its host copy
+        and device slot are dropped, so files rewritten in place are read anew.
+        """
         _check_name(name)
         source = self._check_source(name, source)
         with self._lock:
             old = self._registry.get(name)
-            if old is not None and _same_source(old.source, source):
+            if old is not None and not replace and _same_source(old.source, source):
                 return
             if old is not None:
                 self._check_replaceable(name, replace)
@@ -157,12 +165,21 @@ class AdapterPool:
             return not self._needs_read(name, self._entry(name))
 
     def prefetch_to_host(self, name: str) -> bool:
-        """Read `name` from disk into the host cache, outside the lock. True if it read the disk."""
+        """Read `name` from disk into the host cache, outside the lock. True if it read the disk.
+
+        A read that fails after `name` was registered anew is not the new source's error: it returns False.
+        """
         with self._lock:
             entry = self._entry(name)
             if not self._needs_read(name, entry):
                 return False
-        weights = self._read(name, entry.source)
+        try:
+            weights = self._read(name, entry.source)
+        except Exception:
+            with self._lock:
+                if self._registry.get(name) is not entry:
+                    return False
+            raise
         with self._lock:
             self._admit(name, entry, weights)
         return True
@@ -312,15 +329,36 @@ class AdapterPool:
         self._host_put(name, weights)
 
     def _read_missing(self, names: Sequence[str | None]) -> dict[str, tuple[_Entry, AdapterWeights]]:
-        """Read from disk, outside the lock, the adapters this acquire will need to load."""
+        """Read from disk, outside the lock, the adapters this acquire will need to load.
+
+        PoolExhaustedError first, reading nothing, where their kinds (known from an earlier read) have too
+        few slots that are free or unpinned: a request waiting for a slot must not read the disk every step.
+        """
         with self._lock:
             entries = {name: self._entry(name) for name in names if name is not None}
             todo = {name: entry for name, entry in entries.items() if self._needs_read(name, entry)}
+            self._check_slots_for(todo)
         read = {name: (entry, self._read(name, entry.source)) for name, entry in todo.items()}
         with self._lock:
             for name, (entry, weights) in read.items():
                 self._admit(name, entry, weights)
         return read
+
+    def _check_slots_for(self, todo: Mapping[str, _Entry]) -> None:
+        """Raise PoolExhaustedError if the kinds of these non-resident adapters lack slots to load them into."""
+        needed = Counter(entry.kind for entry in todo.values() if entry.kind is not None)
+        for kind, count in needed.items():
+            available = len(self._free[kind]) + sum(1 for name in self._resident[kind] if not self._pins[name])
+            if available < count:
+                self._raise_exhausted(kind)
+
+    def _raise_exhausted(self, kind: AdapterKind) -> None:
+        count = self._capacity.num_slots(kind)
+        raise PoolExhaustedError(
+            f"all {count} {kind.value} slots are pinned by in-flight requests; wait for some to finish, "
+            f"or raise SlotCapacity.{kind.value}_slots (now {count})",
+            kind,
+        )
 
     def _host_weights(self, name: str, entry: _Entry, prefetched: Mapping) -> AdapterWeights:
         if isinstance(entry.source, AdapterWeights):
@@ -396,11 +434,7 @@ class AdapterPool:
                 self._evict(name, kind, clear=False)  # the caller overwrites every layer's slot
                 self._free[kind].remove(slot)
                 return slot
-        count = self._capacity.num_slots(kind)
-        raise PoolExhaustedError(
-            f"all {count} {kind.value} slots are pinned by in-flight requests; wait for some to finish, "
-            f"or raise SlotCapacity.{kind.value}_slots (now {count})"
-        )
+        self._raise_exhausted(kind)
 
     def _evict(self, name: str, kind: AdapterKind, *, clear: bool) -> None:
         slot = self._resident[kind].pop(name)

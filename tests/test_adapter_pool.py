@@ -392,6 +392,62 @@ def test_register_validates_names_sources_and_limits(layers):
         PoolLimits(max_registered=0)
 
 
+def test_replacing_a_name_with_the_same_path_reads_its_files_again(pool, layers, on_disk, tmp_path):
+    """A folder rewritten in place and registered again with replace=True: the new files, not the old copies."""
+    folder = tmp_path / "retrained"
+    save_adapter(on_disk["a"][1], folder)
+    pool.register("x", folder)
+    with pool.pinned(["x"]):
+        pass
+    save_adapter(on_disk["b"][1], folder)
+    pool.register("x", folder)  # without replace: the same source, nothing to do
+    with pool.pinned(["x"]) as [slot]:
+        assert_slot_holds(layers, LORA, slot.slot, on_disk["a"][1])
+    pool.register("x", folder, replace=True)
+    assert pool.resident() == {}
+    with pool.pinned(["x"]) as [slot]:
+        assert_slot_holds(layers, LORA, slot.slot, on_disk["b"][1])
+
+
+def test_an_acquire_that_must_wait_for_a_slot_reads_no_disk(layers, on_disk, monkeypatch):
+    """Every slot of the kind pinned: the adapter's kind is known from its first read, so a waiting
+    request's acquire (once a step) fails before reading its files again."""
+    capacity = SlotCapacity(lora_slots=1, lora_max_rank=8, flora_slots=1, flora_max_rank=4, ia3_slots=1)
+    pool = AdapterPool(layers, capacity, PoolLimits(max_host_bytes=0))  # no host copies: every load reads
+    for name, (path, _) in on_disk.items():
+        pool.register(name, path)
+    pool.info("b")  # its kind is known from here on
+    reads = pool.stats().disk_reads
+    with pool.pinned(["a"]):
+        for _ in range(3):
+            with pytest.raises(PoolExhaustedError) as raised:
+                pool.acquire(["b"])
+            assert raised.value.kind is LORA
+    assert pool.stats().disk_reads == reads + 1  # a's load only
+    assert pool.stats().pinned == 0
+    with pool.pinned(["b"]) as [slot]:
+        assert_slot_holds(layers, LORA, slot.slot, on_disk["b"][1])
+
+
+def test_a_read_that_fails_after_its_name_is_registered_anew_raises_nothing(pool, on_disk, tmp_path, monkeypatch):
+    """The old source's error is not the new one's: the loader thread's read reports False instead."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    pool.register("x", broken)
+    real_read = pool._read
+
+    def read_then_reregister(name, source):
+        pool.register("x", on_disk["a"][0], replace=True)
+        return real_read(name, source)
+
+    monkeypatch.setattr(pool, "_read", read_then_reregister)
+    assert pool.prefetch_to_host("x") is False
+    monkeypatch.setattr(pool, "_read", real_read)
+    with pytest.raises(ValueError):  # the old source does fail to read
+        real_read("x", broken)
+    assert pool.prefetch_to_host("x") is True
+
+
 # ---------------------------------------------------------------- threads
 
 
