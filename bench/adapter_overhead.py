@@ -4,6 +4,7 @@
     python -m bench.adapter_overhead --quick              # a smoke run (~1 min)
     python -m bench.adapter_overhead --device cuda        # the GPU grid (bf16), more prefill shapes
     python -m bench.adapter_overhead --level layer        # only the grid's layers (or: --level model)
+    python -m bench.adapter_overhead --targets            # only the targets' cells (B=D=32 here, 64 on a GPU)
 
 Layer level (bench/overhead_layer.py): Llama-7B-sized layers (4096x4096, 4096x11008) and the
 embedded model's MLP layer (256x688), random weights. Model level (bench/overhead_model.py): the
@@ -27,7 +28,7 @@ import torch
 
 from bench import overhead_layer as ol
 from bench import overhead_model as om
-from bench.overhead_report import write_markdown, write_plots
+from bench.overhead_report import headline_for, write_markdown, write_plots
 from bench.result_files import write_results, write_results_so_far
 from bench.timing import Timer, add_device_arguments, device_and_dtype, load_average, machine_info
 from flora_core.adapter_weights import AdapterKind
@@ -125,6 +126,15 @@ QUICK_GRID = Grid(
     model_distinct={"llama-moderate": (32,)},
     timer={"rounds": 5, "min_rounds": 2, "warmup": 1, "budget_s": 0.2},
 )
+
+
+def targets_grid(grid: Grid, batch: int) -> Grid:
+    """Only the issue's target cells from `grid`: its models at decode, B = D = `batch` (32 on the CPU, 64 on a
+    GPU), LoRA r16 and FLoRA r1 with every implementation, with the grid's timers; no layers, prefill or sweep."""
+    models = grid.models
+    return replace(grid, name=f"{grid.name}_targets", layer_shapes=(), rank_sweep=False,
+                   model_decode_batches={m: (batch,) for m in models}, model_prefill={m: () for m in models},
+                   model_distinct={m: (batch,) for m in models})
 
 
 def layer_cases(grid: Grid, shape: str) -> list[ol.OverheadCase]:
@@ -262,7 +272,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_device_arguments(parser)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadiest on a shared machine)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run (~1 min on the CPU)")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="a smoke run (~1 min on the CPU)")
+    sizes.add_argument("--targets", action="store_true",
+                       help="only the targets' cells: model-level decode, B=D=32 on the CPU (~3 min), 64 on a GPU")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     parser.add_argument("--tag", default=None, help="file name stem (default: adapter_overhead_<grid>)")
     parser.add_argument("--level", choices=["all", "layer", "model"], default="all",
@@ -275,6 +288,8 @@ def main() -> None:
         parser.error(f"--cuda-graphs needs a CUDA device, not {device}: leave it out on the CPU")
     torch.set_num_threads(args.threads)
     grid = QUICK_GRID if args.quick else (GPU_GRID if device.type == "cuda" else CPU_GRID)
+    if args.targets:
+        grid = targets_grid(grid, headline_for(str(device)).batch)
     if args.level == "layer":
         grid = replace(grid, name=f"{grid.name}_layers", models=())
     elif args.level == "model":

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# What a lent GPU is for, as six commands meant to fit the device tool's 10 minutes each, in the
-# order to run them (a session has 30 minutes of device time, so the most wanted come first):
+# What a lent GPU is for, as commands meant to fit the device tool's 10 minutes each, in the order to
+# run them. A task lent a GPU has 15 minutes of device time in all (starts and idle waits included),
+# so `targets` comes first: it alone answers the issue's GPU targets, in one short call with time left
+# to run it again; the other steps are for the time that is left after it, or for a later task.
 #
+#   bash bench/gpu_session.sh targets    # CUDA parity of every batched path (layers and models), then the
+#                                        # targets' cells alone: model-level decode, B = D = 64, LoRA r16 and
+#                                        # FLoRA r1, every implementation (Triton's too), bytes floors beside
 #   bash bench/gpu_session.sh check      # CUDA parity (layers, models, engine), the CUDA-graph timer, then
 #                                        # the LoRA crossover
 #   bash bench/gpu_session.sh models     # the adapter-overhead GPU grid's models, bf16 (the B=64 targets)
@@ -19,7 +24,7 @@
 # the benchmarks' JSON, Markdown and PNG. Copy them into bench/results and the README by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: bash bench/gpu_session.sh check|models|engine|tiles|graphs|layers}"
+step="${1:?usage: bash bench/gpu_session.sh targets|check|models|engine|tiles|graphs|layers}"
 out="${OUT:-bench/results/gpu}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
@@ -31,6 +36,13 @@ if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
 fi
 
 case "$step" in
+    targets)
+        {
+            nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+            "$python" -m pytest -q -p no:cacheprovider tests/test_cuda_parity.py \
+                && "$python" -m bench.adapter_overhead --device cuda --targets --out-dir "$out"
+        } 2>&1 | tee "$out/targets.log"
+        ;;
     check)
         {
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -56,7 +68,7 @@ case "$step" in
             | tee "$out/graphs.log"
         ;;
     *)
-        echo "unknown step '$step': use check, models, engine, tiles, graphs or layers" >&2
+        echo "unknown step '$step': use targets, check, models, engine, tiles, graphs or layers" >&2
         exit 2
         ;;
 esac

@@ -133,6 +133,25 @@ def test_adapter_overhead_hands_over_its_rows_after_each_layer_shape_and_model(t
     assert "Unfinished" not in (tmp_path / "finished.md").read_text()
 
 
+@pytest.mark.parametrize("device, batch", [("cpu", 32), ("cuda", 64)])
+def test_the_targets_grid_holds_each_models_headline_cells_and_nothing_else(device, batch):
+    """`--targets`, what a short GPU call runs: decode with every row its own adapter at the machine's headline
+    batch, LoRA r16 and FLoRA r1, against PEFT and the base model, beside the one padded-slots cell."""
+    from bench.adapter_overhead import CPU_GRID, GPU_GRID, PADDED_POOL_RANK, model_cases, targets_grid  # noqa: PLC0415
+    from bench.overhead_report import headline_for  # noqa: PLC0415
+
+    full = GPU_GRID if device == "cuda" else CPU_GRID
+    grid = targets_grid(full, headline_for(device).batch)
+    assert headline_for(device).batch == batch and grid.layer_shapes == () and grid.timer == full.timer
+    for model in grid.models:
+        cells = {(c.phase, c.batch, c.distinct, c.kind.value, c.rank, c.pool_rank): c.impls
+                 for c in model_cases(grid, model)}
+        assert set(cells) == {("decode", batch, batch, "lora", 16, 16), ("decode", batch, batch, "flora", 1, 16),
+                              ("decode", 32, 32, "lora", 16, PADDED_POOL_RANK)}
+        assert {"ours", "peft", "ours_no_adapter"} <= set(cells["decode", batch, batch, "lora", 16, 16])
+        assert "ours" in cells["decode", batch, batch, "flora", 1, 16]
+
+
 def test_bytes_floor_counts_what_a_decode_step_reads():
     """Llama-2-7B's shapes in bf16, worked out by hand: its weights (the untied embedding only for the batch's
     rows), the KV cache, and r * (d_in + d_out) numbers a layer for each adapter."""
