@@ -49,6 +49,9 @@ class PoolExhaustedError(RuntimeError):
         super().__init__(message)
         self.kind = kind
 
+    def __reduce__(self):  # pickled with its kind (Ray ships exceptions so); args holds the message alone
+        return type(self), (str(self), self.kind)
+
 
 @dataclass(frozen=True)
 class PoolLimits:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import threading
 
 import pytest
@@ -409,7 +410,7 @@ def test_replacing_a_name_with_the_same_path_reads_its_files_again(pool, layers,
         assert_slot_holds(layers, LORA, slot.slot, on_disk["b"][1])
 
 
-def test_an_acquire_that_must_wait_for_a_slot_reads_no_disk(layers, on_disk, monkeypatch):
+def test_an_acquire_that_must_wait_for_a_slot_reads_no_disk(layers, on_disk):
     """Every slot of the kind pinned: the adapter's kind is known from its first read, so a waiting
     request's acquire (once a step) fails before reading its files again."""
     capacity = SlotCapacity(lora_slots=1, lora_max_rank=8, flora_slots=1, flora_max_rank=4, ia3_slots=1)
@@ -424,6 +425,8 @@ def test_an_acquire_that_must_wait_for_a_slot_reads_no_disk(layers, on_disk, mon
                 pool.acquire(["b"])
             assert raised.value.kind is LORA
     assert pool.stats().disk_reads == reads + 1  # a's load only
+    copied = pickle.loads(pickle.dumps(raised.value))  # as Ray ships an exception
+    assert (type(copied), str(copied), copied.kind) == (PoolExhaustedError, str(raised.value), LORA)
     assert pool.stats().pinned == 0
     with pool.pinned(["b"]) as [slot]:
         assert_slot_holds(layers, LORA, slot.slot, on_disk["b"][1])
