@@ -190,7 +190,8 @@ def build_app(args: dict) -> Application:
     replica_settings, ingress_settings = resolve(app_args)
     if app_args.merged_adapters:  # a merge that cannot be served fails the build, not (retried) catalog starts
         AdapterCatalog(ingress_settings.adapter_dir, replica_settings.model_path, replica_settings.capacity(),
-                       app_args.max_adapter_bytes, config_merges(app_args))
+                       app_args.max_adapter_bytes, config_merges(app_args),
+                       base_model_name=ingress_settings.served_model_name)
     scaling = ({"autoscaling_config": app_args.autoscaling_config or DEFAULT_AUTOSCALING}
                if app_args.num_replicas == "auto" else {"num_replicas": app_args.num_replicas})
     replica = serve.deployment(FloraReplica, name="FloraReplica").options(
@@ -209,5 +210,6 @@ def build_app(args: dict) -> Application:
         ingress_settings,
         replica.bind(replica_settings),
         catalog.bind(ingress_settings.adapter_dir, replica_settings.model_path, replica_settings.capacity(),
-                     app_args.max_adapter_bytes, config_merges(app_args)),
+                     app_args.max_adapter_bytes, config_merges(app_args),
+                     base_model_name=ingress_settings.served_model_name),
     )

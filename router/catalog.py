@@ -58,8 +58,12 @@ class AdapterCatalog:
     """A one-replica deployment; see the module docstring."""
 
     def __init__(self, adapter_dir: Optional[str], model_path: str, capacity: SlotCapacity,
-                 max_adapter_bytes: Optional[int], merges: tuple[tuple[str, Recipe], ...] = ()) -> None:
+                 max_adapter_bytes: Optional[int], merges: tuple[tuple[str, Recipe], ...] = (), *,
+                 base_model_name: str) -> None:
+        """base_model_name: the name requests use for no adapter, which no adapter may take (it would never
+        be applied)."""
         self.root = AdapterRoot(adapter_dir) if adapter_dir else None
+        self.base_model_name = base_model_name
         self.capacity, self.max_adapter_bytes = capacity, max_adapter_bytes
         self.layer_shapes = _layer_shapes(model_path)
         self._entries: dict[str, CatalogEntry] = {}
@@ -129,6 +133,8 @@ class AdapterCatalog:
         if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None or ".." in name:
             return (f"name {name!r} is not valid: 1-128 characters of letters, digits, '.', '_' and '-', starting "
                     "with a letter or digit, no '..'")
+        if name == self.base_model_name:
+            return f"name {name!r} is the base model's name, which requests use for no adapter; choose another name"
         if name in self._entries:
             return f"name {name!r} is already served; unload it first or choose another name"
         try:
@@ -183,6 +189,9 @@ class AdapterCatalog:
                             max_rank=self.capacity.largest_rank)
 
     def _describe(self, name: str, version: int, validate: bool) -> CatalogEntry:
+        if name == self.base_model_name:
+            raise ValueError(f"the adapter folder {name!r} has the base model's name, which requests use for no "
+                             "adapter, so it would never be applied; rename the folder (or set served_model_name)")
         directory = self.root.resolve(name)
         if validate:
             weights = self._load(name)

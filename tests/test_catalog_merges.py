@@ -11,6 +11,7 @@ import shutil
 import pytest
 
 from deploy.app import AppArgs, build_app, resolve
+from flora_core.default_model import DEFAULT_MODEL_NAME
 from router.catalog import AdapterCatalog
 from tests.serving_fixtures import app_args, write_test_adapters
 
@@ -23,7 +24,8 @@ def adapter_root(tmp_path):
 
 def make_catalog(adapter_root, merges=()) -> AdapterCatalog:
     replica, _ = resolve(AppArgs.model_validate(app_args(adapter_root)))
-    return AdapterCatalog(str(adapter_root), replica.model_path, replica.capacity(), None, merges)
+    return AdapterCatalog(str(adapter_root), replica.model_path, replica.capacity(), None, merges,
+                          base_model_name=replica.served_model_name)
 
 
 def test_config_merges_are_served_from_the_start(adapter_root):
@@ -77,6 +79,7 @@ def test_unloading_a_component_unloads_its_merges_only(adapter_root):
     ("m", (("lora-r2", float("inf")),), r"weights\[0\]=inf"),
     ("lora-r4", (("lora-r2", 1.0),), "already served"),
     ("a/b", (("lora-r2", 1.0),), "is not valid"),
+    (DEFAULT_MODEL_NAME, (("lora-r2", 1.0),), "is the base model's name"),
 ])
 def test_refused_merges_say_why_and_change_nothing(adapter_root, name, recipe, message):
     catalog = make_catalog(adapter_root)
@@ -98,3 +101,17 @@ def test_a_local_folder_names_its_own_adapter_never_a_merge_of_that_name(adapter
     assert isinstance(refused, str) and refused.startswith("adapter_id") and "not served" in refused
     refused = catalog.served_at("../elsewhere")
     assert isinstance(refused, str) and refused.startswith("adapter_id") and "directly under" in refused
+
+
+def test_no_adapter_takes_the_base_models_name(adapter_root, caplog):
+    """Requests naming the base model get no adapter, so a folder of that name would never be applied:
+    skipped at start (with the fix in the log) and refused by a load, never listed beside the base model."""
+    shutil.copytree(adapter_root / "lora-r2", adapter_root / DEFAULT_MODEL_NAME)
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        catalog = make_catalog(adapter_root)
+    assert DEFAULT_MODEL_NAME not in catalog.snapshot().entries and "lora-r2" in catalog.snapshot().entries
+    assert "rename the folder" in caplog.text
+    before = catalog.snapshot()
+    refusal = catalog.load(DEFAULT_MODEL_NAME)
+    assert isinstance(refusal, str) and "base model's name" in refusal and str(adapter_root) not in refusal
+    assert catalog.snapshot() == before

@@ -116,7 +116,7 @@ def test_reloading_an_adapter_keeps_the_requests_waiting_for_its_old_version(ada
 def test_the_catalog_refuses_adapters_the_replicas_cannot_serve(adapter_root, name):
     replica_settings, _ = settings_for(adapter_root)
     catalog = AdapterCatalog(str(adapter_root), replica_settings.model_path, replica_settings.capacity(),
-                             replica_settings.max_adapter_bytes)
+                             replica_settings.max_adapter_bytes, base_model_name=replica_settings.served_model_name)
     refusal = catalog.load(name)
     assert isinstance(refusal, str) and str(adapter_root) not in refusal
     assert not isinstance(catalog.load("lora-r2"), str) and not isinstance(catalog.load("flora-r4"), str)
@@ -124,7 +124,8 @@ def test_the_catalog_refuses_adapters_the_replicas_cannot_serve(adapter_root, na
 
 def test_catalog_versions_never_repeat_across_unloads(adapter_root):
     replica_settings, _ = settings_for(adapter_root)
-    catalog = AdapterCatalog(str(adapter_root), replica_settings.model_path, replica_settings.capacity(), None)
+    catalog = AdapterCatalog(str(adapter_root), replica_settings.model_path, replica_settings.capacity(), None,
+                             base_model_name=replica_settings.served_model_name)
     versions = [catalog.snapshot().entries["lora-r2"].version]
     for _ in range(3):
         assert catalog.unload("lora-r2")
@@ -134,7 +135,8 @@ def test_catalog_versions_never_repeat_across_unloads(adapter_root):
 
 def test_every_bad_adapter_is_refused_by_the_catalog(adapter_root):
     replica_settings, _ = settings_for(adapter_root)
-    catalog = AdapterCatalog(str(adapter_root), replica_settings.model_path, replica_settings.capacity(), None)
+    catalog = AdapterCatalog(str(adapter_root), replica_settings.model_path, replica_settings.capacity(), None,
+                             base_model_name=replica_settings.served_model_name)
     assert all(isinstance(catalog.load(name), str) for name in BAD_ADAPTERS)
 
 
