@@ -5,7 +5,12 @@ reading only adapter_config.json). The management API loads more by name from un
 root (fully validated: safetensors only, sizes bounded, and checked against the replicas' slot
 capacity and the base model's layer shapes) and unloads them; every load gives the adapter a
 version it never had before (an unload does not reset it), so replicas re-read the files
-instead of serving a stale copy.
+instead of serving a stale copy. Versions restart at 1 when the catalog itself restarts, so each
+entry also carries the catalog's incarnation (its start time): a replica that outlives the catalog
+never mistakes a new start's `x@1` for the `x@1` it read before.
+
+Serve runs a deployment's plain methods in a thread pool, so one lock orders them: two merges of a
+name, or an unload beside a merge of that component, cannot interleave.
 
 Merged adapters (flora_core.adapter_merge) are entries with a recipe: served adapter folders and
 their weights. Each replica merges the components' files itself, when a request first names the
@@ -16,6 +21,8 @@ component unloads them.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,10 +49,11 @@ class CatalogEntry:
     kind: str  # "lora" | "flora" | "ia3"
     rank: int
     merged_from: Recipe = ()  # a merge: (component name, weight) pairs; () for an adapter folder
+    incarnation: str = ""  # the catalog start that gave this version (AdapterRef.incarnation)
 
     @property
     def ref(self) -> AdapterRef:
-        return AdapterRef(self.name, self.version, self.merged_from)
+        return AdapterRef(self.name, self.version, self.merged_from, self.incarnation)
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,8 @@ class AdapterCatalog:
         be applied)."""
         self.root = AdapterRoot(adapter_dir) if adapter_dir else None
         self.base_model_name = base_model_name
+        self.incarnation = f"{time.time_ns():016x}"  # a later start sorts after an earlier one
+        self._lock = threading.Lock()  # Serve calls these methods from several threads at once
         self.capacity, self.max_adapter_bytes = capacity, max_adapter_bytes
         self.layer_shapes = _layer_shapes(model_path)
         self._entries: dict[str, CatalogEntry] = {}
@@ -83,7 +93,8 @@ class AdapterCatalog:
         logger.info("adapter catalog: %d adapters under %s", len(self._entries), adapter_dir)
 
     def snapshot(self) -> CatalogSnapshot:
-        return CatalogSnapshot(self._generation, dict(self._entries))
+        with self._lock:
+            return CatalogSnapshot(self._generation, dict(self._entries))
 
     def load(self, name: str, path: Optional[str] = None) -> CatalogEntry | str:
         """Validate the folder `name` under the root fully and serve it (again, with a new version).
@@ -92,6 +103,10 @@ class AdapterCatalog:
         the folder `name` directly under the root. Returns the new entry, or the reason it was refused (a
         message naming the fix).
         """
+        with self._lock:
+            return self._load_folder(name, path)
+
+    def _load_folder(self, name: str, path: Optional[str]) -> CatalogEntry | str:
         if self.root is None:
             return "this application has no adapter_dir; set adapter_dir to load adapters by name"
         try:
@@ -110,6 +125,10 @@ class AdapterCatalog:
         """The served adapter in the folder at `path` (absolute, or relative to the root), as LoRAX's
         `adapter_source: "local"` names adapters; or the reason there is none, a message naming the fix
         that opens with "adapter_id"."""
+        with self._lock:
+            return self._served_at(path)
+
+    def _served_at(self, path: str) -> CatalogEntry | str:
         if self.root is None:
             return "adapter_id names a local folder, but this application has no adapter_dir; set adapter_dir"
         try:
@@ -128,6 +147,10 @@ class AdapterCatalog:
         Returns the new entry, or the reason it was refused: a message naming the fix, whose first word
         is the field at fault ("name", "adapters", "weights"; merge_adapters' messages start so too).
         """
+        with self._lock:
+            return self._merge(name, recipe)
+
+    def _merge(self, name: str, recipe: Recipe) -> CatalogEntry | str:
         if self.root is None:
             return "adapters cannot be merged: this application has no adapter_dir; set adapter_dir"
         if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None or ".." in name:
@@ -146,6 +169,10 @@ class AdapterCatalog:
 
     def unload(self, name: str) -> list[str]:
         """Stop serving `name` and every merge built from it; the names removed, [] if it was not served."""
+        with self._lock:
+            return self._unload(name)
+
+    def _unload(self, name: str) -> list[str]:
         if self._entries.pop(name, None) is None:
             return []
         merges = sorted(e.name for e in self._entries.values() if name in dict(e.merged_from))
@@ -182,7 +209,7 @@ class AdapterCatalog:
         components = [self._load(component) for component in names]
         merged = merge_adapters(components, [weight for _, weight in recipe])
         check_servable(name, merged, self.capacity, self.layer_shapes, self.max_adapter_bytes)
-        return CatalogEntry(name, version, merged.kind.value, merged.rank, tuple(recipe))
+        return CatalogEntry(name, version, merged.kind.value, merged.rank, tuple(recipe), self.incarnation)
 
     def _load(self, name: str) -> AdapterWeights:
         return load_adapter(self.root.resolve(name), max_bytes=self.max_adapter_bytes,
@@ -196,10 +223,10 @@ class AdapterCatalog:
         if validate:
             weights = self._load(name)
             check_servable(name, weights, self.capacity, self.layer_shapes, self.max_adapter_bytes)
-            return CatalogEntry(name, version, weights.kind.value, weights.rank)
+            return CatalogEntry(name, version, weights.kind.value, weights.rank, incarnation=self.incarnation)
         config = read_adapter_config(directory)
         rank = config.r if config.r is not None else 1
-        return CatalogEntry(name, version, config.kind.value, rank)
+        return CatalogEntry(name, version, config.kind.value, rank, incarnation=self.incarnation)
 
 
 def _layer_shapes(model_path: str) -> dict[str, tuple[int, int]]:

@@ -22,7 +22,8 @@ from router.settings import IngressSettings
 
 def _entry_dict(entry: CatalogEntry) -> dict:
     """A catalog entry as GET /v1/adapters lists it; a merge names its components and weights."""
-    return {**vars(entry), "merged_from": [{"adapter": name, "weight": weight} for name, weight in entry.merged_from]}
+    listed = {key: value for key, value in vars(entry).items() if key != "incarnation"}  # the replicas' concern
+    return {**listed, "merged_from": [{"adapter": name, "weight": weight} for name, weight in entry.merged_from]}
 
 
 def _merge_param(message: str) -> str:

@@ -18,17 +18,23 @@ Recipe = tuple[tuple[str, float], ...]  # a merged adapter's (component adapter 
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """An adapter as the catalog knows it: its name, version (bumped by every load) and, for a
-    merge of adapters, its recipe (empty for an adapter folder)."""
+    """An adapter as the catalog knows it: its name, version (bumped by every load), for a merge of
+    adapters its recipe (empty for an adapter folder), and the catalog start that numbered it."""
 
     name: str
     version: int
     merged_from: Recipe = ()
+    incarnation: str = ""  # the catalog's start time (hex ns): versions restart at 1 with a new start
 
     @property
     def key(self) -> str:
-        """The name a replica's pool registers it under: a reload never reuses a stale entry."""
-        return f"{self.name}@{self.version}"
+        """The name a replica's pool registers it under: a reload, or a new catalog start, never reuses an entry."""
+        return f"{self.name}@{self.incarnation}.{self.version}" if self.incarnation else f"{self.name}@{self.version}"
+
+    @property
+    def order(self) -> tuple[str, int]:
+        """Sorts a name's refs oldest first: a later catalog start after an earlier one, then by version."""
+        return self.incarnation, self.version
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ class FloraReplica:
         self.engine = AsyncEngine(Engine(self.model, settings.engine_config(), tokenizer))
         self.engine.start()
         self.root = AdapterRoot(settings.adapter_dir) if settings.adapter_dir else None
-        self._versions: dict[str, int] = {}  # adapter name -> the newest version registered in the pool
+        self._versions: dict[str, AdapterRef] = {}  # adapter name -> its newest ref registered in the pool
         self._users: Counter[str] = Counter()  # pool key -> requests of this replica using it now
         self._stale: set[str] = set()  # keys of older versions, unregistered once no request uses them
         self._metrics = ReplicaMetrics()
@@ -129,11 +129,11 @@ class FloraReplica:
                 raise UnknownAdapterError(ref.name)
             pool.register(ref.key, self._source(ref))
         newest = self._versions.get(ref.name)
-        if newest is None or ref.version > newest:
-            self._versions[ref.name] = ref.version
+        if newest is None or ref.order > newest.order:
+            self._versions[ref.name] = ref
             if newest is not None:
-                self._stale.add(AdapterRef(ref.name, newest).key)
-        elif ref.version < newest:  # sent by an ingress whose catalog copy is a moment old
+                self._stale.add(newest.key)
+        elif ref.order < newest.order:  # sent by an ingress whose catalog copy is a moment old
             self._stale.add(ref.key)
         self._users[ref.key] += 1
         self._drop_unused_stale()
@@ -154,13 +154,16 @@ class FloraReplica:
 
     def _drop_unused_stale(self) -> None:
         """Unregister older versions that no request here uses: never one still in use, since a
-        waiting request would lose its adapter (a 404 mid-flight) and a running one its slot."""
+        waiting request would lose its adapter (a 404 mid-flight) and a running one its slot. One the
+        engine still pins (a cancelled request whose abort it has not stepped yet) waits for a later call."""
         for key in [key for key in self._stale if not self._users[key]]:
-            self._stale.discard(key)
             try:
                 self.model.pool.unregister(key)
             except UnknownAdapterError:
                 pass
+            except ValueError:  # still pinned: kept in _stale, dropped by a later register or release
+                continue
+            self._stale.discard(key)
 
     async def abort(self, request_id: str, target_replica: Optional[str] = None) -> bool:
         """End a request at the next step (a client went away). target_replica steers the router only."""

@@ -58,6 +58,16 @@ def app_args(adapter_root: Path, **overrides) -> dict:
             "enable_adapter_management": True, "management_token": "test-token", **overrides}
 
 
+def make_catalog(adapter_root: Path, merges=()):
+    """The AdapterCatalog that app_args' application starts (a new start each call), outside Ray."""
+    from deploy.app import AppArgs, resolve
+    from router.catalog import AdapterCatalog
+
+    replica, _ = resolve(AppArgs.model_validate(app_args(adapter_root)))
+    return AdapterCatalog(str(adapter_root), replica.model_path, replica.capacity(), None, merges,
+                          base_model_name=replica.served_model_name)
+
+
 @functools.cache
 def _embedded_base():
     from transformers import AutoModelForCausalLM

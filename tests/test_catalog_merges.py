@@ -10,22 +10,15 @@ import shutil
 
 import pytest
 
-from deploy.app import AppArgs, build_app, resolve
+from deploy.app import build_app
 from flora_core.default_model import DEFAULT_MODEL_NAME
-from router.catalog import AdapterCatalog
-from tests.serving_fixtures import app_args, write_test_adapters
+from tests.serving_fixtures import app_args, make_catalog, write_test_adapters
 
 
 @pytest.fixture
 def adapter_root(tmp_path):
     write_test_adapters(tmp_path, names=["lora-r2", "lora-r4", "lora-r8", "flora-r1", "flora-r2"])
     return tmp_path
-
-
-def make_catalog(adapter_root, merges=()) -> AdapterCatalog:
-    replica, _ = resolve(AppArgs.model_validate(app_args(adapter_root)))
-    return AdapterCatalog(str(adapter_root), replica.model_path, replica.capacity(), None, merges,
-                          base_model_name=replica.served_model_name)
 
 
 def test_config_merges_are_served_from_the_start(adapter_root):

@@ -6,6 +6,7 @@ prompt length bound. The same failures over HTTP are in test_reliability.py.
 from __future__ import annotations
 
 import asyncio
+import shutil
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from router.messages import AdapterRef, ReplicaRequest
 from router.openai_format import prompt_chars_bound
 from router.replica import FloraReplica
 from tests.reliability_fixtures import BAD_ADAPTERS, write_adapter_root
-from tests.serving_fixtures import MAX_MODEL_LEN, app_args, engine_alone_texts
+from tests.serving_fixtures import MAX_MODEL_LEN, app_args, engine_alone_texts, make_catalog, write_test_adapters
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +113,47 @@ def test_reloading_an_adapter_keeps_the_requests_waiting_for_its_old_version(ada
         replica.engine.close()
 
 
+def test_a_replica_that_outlives_the_catalog_serves_the_new_starts_files(tmp_path, monkeypatch):
+    """Folder x rewritten in place, then the catalog restarts (every version 1 again): the replica, which read
+    x@1 before, must serve the new files, not its copy of the old ones under the same version number. And a
+    stale version the engine still pins (a cancelled request's abort not yet stepped) neither fails the new
+    version's request nor stays registered once it is unpinned."""
+    write_test_adapters(tmp_path, names=["lora-r1", "lora-r2"])
+    shutil.copytree(tmp_path / "lora-r2", tmp_path / "x")
+    replica_settings, _ = settings_for(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    ids = tuple(tokenizer("hello=")["input_ids"])
+    old_ref = make_catalog(tmp_path).snapshot().entries["x"].ref
+    expected = engine_alone_texts(tmp_path, [("lora-r2", "hello=", 8), ("lora-r1", "hello=", 8)])
+    assert expected[0] != expected[1]  # the rewrite is visible in the answer
+
+    def request(name: str, ref: AdapterRef) -> ReplicaRequest:
+        return ReplicaRequest(name, ids, SamplingParams(max_tokens=8, temperature=0), ref)
+
+    monkeypatch.setattr(serve, "get_replica_context", lambda: None)  # a replica outside Serve
+    replica = FloraReplica(replica_settings)
+    try:
+        results: dict = {}
+        asyncio.run(asyncio.wait_for(run_batch(replica, [request("before", old_ref)], results), 120))
+        shutil.rmtree(tmp_path / "x")
+        shutil.copytree(tmp_path / "lora-r1", tmp_path / "x")
+        new_ref = make_catalog(tmp_path).snapshot().entries["x"].ref  # the restarted catalog's x@1
+        assert new_ref.version == old_ref.version == 1
+        pool = replica.model.pool
+        pool.acquire([old_ref.key])  # as the engine holds a cancelled request's pin until its next step
+        asyncio.run(asyncio.wait_for(run_batch(replica, [request("after", new_ref)], results), 120))
+        assert pool.is_registered(old_ref.key)  # still pinned: kept for a later drop
+        pool.release([old_ref.key])
+        asyncio.run(asyncio.wait_for(run_batch(replica, [request("again", new_ref)], results), 120))
+    finally:
+        replica.engine.close()
+    for name in ("before", "after", "again"):
+        assert results[name].error is None, results[name].error
+    assert results["before"].output.text == expected[0]
+    assert results["after"].output.text == results["again"].output.text == expected[1]
+    assert not pool.is_registered(old_ref.key) and pool.is_registered(new_ref.key)
+
+
 @pytest.mark.parametrize("name", ["bad-flora-rank", "bad-shape", "bad-module", "bad-lora-rank", "bad-nan"])
 def test_the_catalog_refuses_adapters_the_replicas_cannot_serve(adapter_root, name):
     replica_settings, _ = settings_for(adapter_root)
@@ -160,3 +202,4 @@ def test_prompt_chars_bound_is_never_below_what_fits_the_context():
     longest = max(tokenizer.get_vocab(), key=len)
     assert bound == MAX_MODEL_LEN * len(longest)
     assert len(tokenizer(longest * MAX_MODEL_LEN, add_special_tokens=False)["input_ids"]) <= MAX_MODEL_LEN
+
