@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from typing import Optional, Sequence, Union
 
+from jinja2 import TemplateError
+
 from flora_core.request_output import RequestOutput, TokenLogprob
 from flora_core.sampling_params import SamplingParams
 from flora_core.structured_output import StructuredOutput
@@ -61,7 +63,10 @@ def chat_prompt_ids(tokenizer, messages: Sequence[ChatMessage], max_chars: int) 
         raise bad_request("this model's tokenizer has no chat template; use /v1/completions instead", "messages")
     _check_prompt_chars(sum(len(m.text) for m in messages), max_chars, "messages")
     messages = [{"role": m.role, "content": m.text} for m in messages]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except TemplateError as error:  # a template's raise_exception (roles that must alternate, no system role)
+        raise bad_request(f"the model's chat template refused these messages: {error}", "messages") from None
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     return list(ids)
 

@@ -17,9 +17,12 @@ from deploy.app import AppArgs, resolve
 from flora_core.default_model import default_model_dir
 from flora_core.sampler import SamplingBatch, next_tokens
 from flora_core.sampling_params import SamplingParams
+import router.openai_format as fmt
 from router.catalog import AdapterCatalog
+from router.errors import ApiError
 from router.messages import AdapterRef, ReplicaRequest
 from router.openai_format import prompt_chars_bound
+from router.protocol import ChatMessage
 from router.replica import FloraReplica
 from tests.reliability_fixtures import BAD_ADAPTERS, write_adapter_root
 from tests.serving_fixtures import MAX_MODEL_LEN, app_args, engine_alone_texts, make_catalog, write_test_adapters
@@ -203,3 +206,18 @@ def test_prompt_chars_bound_is_never_below_what_fits_the_context():
     assert bound == MAX_MODEL_LEN * len(longest)
     assert len(tokenizer(longest * MAX_MODEL_LEN, add_special_tokens=False)["input_ids"]) <= MAX_MODEL_LEN
 
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400_naming_them():
+    """Many real models' templates raise_exception on messages they do not take (a system role, roles that
+    do not alternate): the client's mistake, a 400 on `messages`, not a 500."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}"
+                               "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    ok = fmt.chat_prompt_ids(tokenizer, [ChatMessage(role="user", content="hello")], 10_000)
+    assert ok == tokenizer("hello", add_special_tokens=False)["input_ids"]  # the template renders the text alone
+    with pytest.raises(ApiError) as raised:
+        fmt.chat_prompt_ids(tokenizer, [ChatMessage(role="system", content="be brief"),
+                                        ChatMessage(role="user", content="hello")], 10_000)
+    assert (raised.value.status, raised.value.param) == (400, "messages")
+    assert "System role not supported" in raised.value.message
