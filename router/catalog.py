@@ -60,6 +60,18 @@ class CatalogEntry:
 class CatalogSnapshot:
     generation: int  # bumped by every change
     entries: dict[str, CatalogEntry]
+    incarnation: str = ""  # the catalog start it came from (AdapterRef.incarnation)
+
+    @property
+    def order(self) -> tuple[str, int]:
+        """Sorts snapshots oldest first: a later catalog start after an earlier one, then by generation."""
+        return self.incarnation, self.generation
+
+
+def newest_snapshot(held: Optional[CatalogSnapshot], fetched: CatalogSnapshot) -> CatalogSnapshot:
+    """The newer of the two: snapshot calls in flight together may answer out of order, and an older answer
+    must not undo a newer one (an unload, or a load a management call just made)."""
+    return fetched if held is None or fetched.order >= held.order else held
 
 
 class AdapterCatalog:
@@ -94,7 +106,7 @@ class AdapterCatalog:
 
     def snapshot(self) -> CatalogSnapshot:
         with self._lock:
-            return CatalogSnapshot(self._generation, dict(self._entries))
+            return CatalogSnapshot(self._generation, dict(self._entries), self.incarnation)
 
     def load(self, name: str, path: Optional[str] = None) -> CatalogEntry | str:
         """Validate the folder `name` under the root fully and serve it (again, with a new version).

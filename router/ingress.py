@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoTokenizer
 from flora_core.request_output import RequestOutput
 from router import lorax_api as lorax
 from router import openai_format as fmt
-from router.catalog import CatalogSnapshot
+from router.catalog import CatalogSnapshot, newest_snapshot
 from router.errors import ApiError, bad_request, overloaded, unknown_model
 from router.handle_api import GenerateChunk, GenerateRequest, GenerateResponse, GenerateUsage
 from router.http_app import app
@@ -383,7 +383,7 @@ class FloraIngress(AdapterManagementRoutes):
 
     async def _snapshot(self, refresh: bool = False) -> CatalogSnapshot:
         if refresh or self._catalog is None or time.monotonic() - self._catalog_at > CATALOG_TTL_S:
-            self._catalog = await self.catalog.snapshot.remote()
+            self._catalog = newest_snapshot(self._catalog, await self.catalog.snapshot.remote())
             self._catalog_at = time.monotonic()
         return self._catalog
 

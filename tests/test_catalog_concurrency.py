@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from router.catalog import newest_snapshot
 from tests.serving_fixtures import make_catalog, write_test_adapters
 
 
@@ -77,3 +78,20 @@ def test_a_restarted_catalogs_versions_never_share_a_key_with_the_last_ones(adap
     assert restarted.ref.key != make_catalog(adapter_root).snapshot().entries["lora-r2"].ref.key
     assert reloaded.ref.order < restarted.ref.order  # the new start's refs are the newest
     assert restarted.ref.key.startswith("lora-r2@")  # replicas report residency by the name before '@'
+
+
+def test_an_older_snapshot_answering_late_never_replaces_a_newer_one(adapter_root):
+    """An ingress's snapshot calls in flight together can answer out of order; a restarted catalog's first
+    snapshot is newer than any of the last start's, whatever their generations."""
+    catalog = make_catalog(adapter_root)
+    before = catalog.snapshot()
+    catalog.unload("lora-r2")
+    after = catalog.snapshot()
+    assert newest_snapshot(None, before) is before
+    assert newest_snapshot(after, before) is after and "lora-r2" not in newest_snapshot(after, before).entries
+    assert newest_snapshot(before, after) is after
+    for _ in range(3):
+        catalog.unload("lora-r4") or catalog.load("lora-r4")
+    restarted = make_catalog(adapter_root).snapshot()
+    assert restarted.generation < catalog.snapshot().generation
+    assert newest_snapshot(catalog.snapshot(), restarted) is restarted
