@@ -124,6 +124,7 @@ class Engine:
         self._waiting: list[RequestState] = []
         self._rows: list[RequestState] = []
         self._prefilling: list[RequestState] = []  # admitted this step, pinned, not yet in the batch
+        self._step_outputs: list[RequestOutput] = []  # the running step's outputs so far (for fail_all)
         self._batch: RunningBatch | None = None
         self._next_input: torch.Tensor | None = None  # [rows] long: each row's last sampled token
         self._grammars: GrammarCompiler | None = None  # made by the first structured-output request
@@ -221,6 +222,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one step; returns an output for every request that changed in it."""
         outputs: list[RequestOutput] = []
+        self._step_outputs = outputs  # fail_all's, should this step raise: requests it already ended
         self._take_inbox(outputs)
         self._prefilling = self._admit(outputs)
         if self._batch is not None:
@@ -231,20 +233,28 @@ class Engine:
             outputs += prefill_outputs
         self._regroup([(self._batch, self._rows, self._next_input), *joining])
         self._prefilling = []
+        self._step_outputs = []
         self._finish_bookkeeping(outputs)
         return outputs
 
     def fail_all(self, error: BaseException) -> list[RequestOutput]:
-        """End every request with finish_reason "error" (after a step raised); the engine starts empty."""
-        return self._end_all(lambda state: state.fail(error))
+        """End every request with finish_reason "error" (after a step raised); the engine starts empty.
 
-    def _end_all(self, end: Callable[[RequestState], RequestOutput]) -> list[RequestOutput]:
-        """End every unfinished request with `end`, unpin every adapter, and empty the engine."""
+        The outputs the failed step had already made come first: a request it aborted or finished (before
+        the part that raised) gets its last output, and its id is freed, instead of a stream left waiting.
+        """
+        earlier, self._step_outputs = self._step_outputs, []
+        return self._end_all(lambda state: state.fail(error), earlier)
+
+    def _end_all(self, end: Callable[[RequestState], RequestOutput],
+                 earlier: list[RequestOutput] = ()) -> list[RequestOutput]:
+        """End every unfinished request with `end`, unpin every adapter, and empty the engine; returns
+        `earlier` (outputs already made) followed by those ends."""
         with self._lock:
             self._waiting += self._inbox
             self._inbox, self._abort_ids = [], set()
         states = self._rows + self._prefilling + self._waiting
-        outputs = [end(state) for state in states if not state.finished]
+        outputs = [*earlier, *(end(state) for state in states if not state.finished)]
         for state in states:
             self._unpin(state)
         self._rows, self._prefilling, self._waiting, self._batch, self._next_input = [], [], [], None, None
@@ -398,6 +408,7 @@ class Engine:
             for output in outputs:
                 if output.finished:
                     self._unfinished_ids.discard(output.request_id)
+                    self._abort_ids.discard(output.request_id)  # an abort that came as it ended: not its id's next use
                     self._counts[{"abort": "aborted", "error": "failed"}.get(output.finish_reason, "finished")] += 1
             kv_tokens = 0 if self._batch is None else self._batch.kv_tokens
             self._snapshot = (len(self._rows), len(self._waiting), kv_tokens)

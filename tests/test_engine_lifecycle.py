@@ -304,6 +304,72 @@ def test_a_failed_step_fails_the_requests_in_flight_and_the_engine_goes_on(setup
     assert_idle(stats)
 
 
+def fail_forward_number(setup, n: int):
+    """A hook that raises on the model's n-th forward pass from now; remove() it after."""
+    calls = []
+
+    def hook(_module, _args):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("the device fell over")
+
+    return setup.model.model.register_forward_pre_hook(hook)
+
+
+def step_as_the_async_engine_does(engine: Engine) -> list:
+    try:
+        return engine.step()
+    except RuntimeError as error:
+        return engine.fail_all(error)
+
+
+@pytest.mark.parametrize("how", ["finished", "aborted"])
+def test_a_request_that_ended_earlier_in_a_failed_step_keeps_its_last_output(setup, how):
+    """A ends in a step (its last token by its decode, or its abort) whose later prefill of B raises: A's
+    last output still comes out (its stream would wait for ever), and its id is free again."""
+    make_resident(setup, ["lora-a", "lora-b"])
+    engine = setup.engine()
+    a = engine.add_request([5, 6], SamplingParams(max_tokens=2 if how == "finished" else 8, temperature=0,
+                                                  ignore_eos=True), "lora-a", request_id="A")
+    first = step_as_the_async_engine_does(engine)  # A's prefill and first token
+    assert [(o.request_id, o.finished) for o in first] == [(a, False)]
+    if how == "aborted":
+        engine.abort(a)
+    engine.add_request([7, 8], GREEDY, "lora-b", request_id="B")
+    handle = fail_forward_number(setup, 2 if how == "finished" else 1)  # the pass after A's own: B's prefill
+    try:
+        outputs = step_as_the_async_engine_does(engine)
+    finally:
+        handle.remove()
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [
+        ("A", "length" if how == "finished" else "abort"), ("B", "error")]
+    if how == "finished":
+        assert list(outputs[0].token_ids) == setup.reference("lora-a", [5, 6], 2)
+    assert not engine.has_unfinished()
+    stats = engine.stats()
+    assert (stats.finished, stats.aborted, stats.failed) == ((1, 0, 1) if how == "finished" else (0, 1, 1))
+    assert_idle(stats)
+    engine.add_request([5, 6], GREEDY, "lora-a", request_id="A")  # the id is free again
+    assert list(run_to_completion(engine)["A"].token_ids) == setup.reference("lora-a", [5, 6], 6)
+
+
+def test_an_abort_that_comes_as_its_request_finishes_spares_the_ids_next_request(setup):
+    """abort(A) lands while the step that finishes A runs: A has ended, and a new request reusing the id A
+    must run, not be aborted by the stale abort."""
+    make_resident(setup, ["lora-a"])
+    engine = setup.engine()
+    engine.add_request([5, 6], SamplingParams(max_tokens=1, temperature=0), "lora-a", request_id="A")
+    aborted = []
+    handle = setup.model.model.register_forward_pre_hook(lambda _m, _a: aborted.append(engine.abort("A")))
+    try:
+        assert [(o.request_id, o.finish_reason) for o in engine.step()] == [("A", "length")]
+    finally:
+        handle.remove()
+    assert aborted == [True]  # taken: A was still unfinished when it came
+    engine.add_request([5, 6], GREEDY, "lora-a", request_id="A")
+    assert list(run_to_completion(engine)["A"].token_ids) == setup.reference("lora-a", [5, 6], 6)
+
+
 # ----- adapters from disk, and full pools -----
 
 
